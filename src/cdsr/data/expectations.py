@@ -1,0 +1,244 @@
+"""Great Expectations suites of the data tables, run in a file-backed context for Data Docs.
+
+GX expresses column-level expectations naturally, so the cross-row constraints run on derived
+frames built by cdsr.data.schemas (one row per item / per user); every expectation carries the
+same check name as its pandera counterpart in ``meta["check"]`` and a note (shown in Data Docs)
+saying what it guards.
+
+:func:`run_suites` builds one temporary context per call: a pandas datasource, one dataframe
+asset + whole-dataframe batch definition + suite + ValidationDefinition + Checkpoint per table,
+runs them, then builds Data Docs once (what UpdateDataDocsAction does per checkpoint, but one
+build for all tables) and copies the static site to ``docs_dir``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cdsr  # noqa: F401  (offline env vars before great_expectations is imported)
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.expectations.expectation import Expectation
+
+from cdsr.data.config import DatasetConfig
+from cdsr.data.schemas import MIN_SEQUENCE_EVENTS, UserConstraints
+
+INTERACTION_TYPES = {
+    "user_id": "str", "item_id": "str", "domain": "str", "timestamp": "int64", "rating": "float64",
+    "source_file": "str", "source_line": "int64", "source_pos": "int32", "ingest_order": "int64",
+}
+SEQ_LONG_TYPES = {"user_idx": "int64", "pos": "int64", "item_idx": "int64", "domain_idx": "int64", "timestamp": "int64"}
+ITEM_TYPES = {"item_idx": "int64", "item_id": "str", "domain_idx": "int64", "domain": "str"}
+
+
+@dataclass
+class GxTable:
+    """One frame to validate: a dataframe asset named ``asset`` with its expectations."""
+
+    asset: str
+    frame: pd.DataFrame
+    expectations: list[Expectation] = field(default_factory=list)
+
+
+def _x(cls: type[Expectation], check: str, note: str, **kwargs: Any) -> Expectation:
+    """An expectation tagged with its check name (report key) and a Data Docs note."""
+    return cls(meta={"check": check}, notes=note, **kwargs)
+
+
+def _types_and_nulls(types: dict[str, str], nullable: tuple[str, ...] = ()) -> list[Expectation]:
+    out: list[Expectation] = []
+    for col, t in types.items():
+        out.append(_x(gxe.ExpectColumnValuesToBeOfType, f"{col}:dtype", f"{col} has dtype {t}.", column=col, type_=t))
+        if col not in nullable:
+            out.append(_x(gxe.ExpectColumnValuesToNotBeNull, f"{col}:not_null", f"{col} is never null.", column=col))
+    return out
+
+
+def _at_least_one_row() -> Expectation:
+    return _x(gxe.ExpectTableRowCountToBeBetween, "at_least_one_row", "The table is not empty.", min_value=1)
+
+
+# --------------------------------------------------------------------------- interactions
+
+
+def interactions_expectations(cfg: DatasetConfig) -> list[Expectation]:
+    """Column-level expectations of the canonical interactions table (see schemas.interactions_schema)."""
+    ex = [_at_least_one_row()] + _types_and_nulls(INTERACTION_TYPES, nullable=("rating",))
+    for col in ("user_id", "item_id"):
+        ex.append(_x(gxe.ExpectColumnValuesToNotMatchRegex, f"{col}:non_empty",
+                     f"{col} is not empty or blank (ids are trimmed at ingest).", column=col, regex=r"^\s*$"))
+    if cfg.domains:
+        ex.append(_x(gxe.ExpectColumnValuesToBeInSet, "domain:declared_domain",
+                     "Only the domains declared in params.yaml.", column="domain", value_set=list(cfg.domains)))
+    lo, hi = cfg.ingest.timestamp_bounds()
+    if lo is not None or hi is not None:
+        ex.append(_x(gxe.ExpectColumnValuesToBeBetween, "timestamp:within_bounds",
+                     f"Timestamps (unix s) within the configured bounds [{lo}, {hi}].",
+                     column="timestamp", min_value=lo, max_value=hi))
+    ex += [
+        _x(gxe.ExpectColumnValuesToBeBetween, "source_line:ge_1", "Source lines are 1-based (traceable to the raw file).",
+           column="source_line", min_value=1),
+        _x(gxe.ExpectColumnValuesToBeBetween, "source_pos:ge_0", "Event positions inside a raw line are >= 0.",
+           column="source_pos", min_value=0),
+        _x(gxe.ExpectColumnValuesToBeUnique, "ingest_order:unique",
+           "The raw order is unique: it is the tie-break of events with equal timestamps.", column="ingest_order"),
+    ]
+    if cfg.ingest.duplicates == "drop":
+        ex.append(_x(gxe.ExpectCompoundColumnsToBeUnique, "no_exact_duplicates",
+                     "duplicates: drop ran: no two events share user, item, domain, timestamp and rating.",
+                     column_list=["user_id", "item_id", "domain", "timestamp", "rating"]))
+    return ex
+
+
+def item_domain_expectations() -> list[Expectation]:
+    """On the per-item frame (item_id, n_domains): the cross-domain-items policy ran."""
+    return [_x(gxe.ExpectColumnValuesToBeBetween, "item_in_one_domain",
+               "Every item belongs to exactly one domain (one row per item, n_domains = 1).",
+               column="n_domains", min_value=1, max_value=1)]
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def seq_long_expectations(n_domains: int) -> list[Expectation]:
+    """On seq_long plus derived columns ``item_domain_idx`` (the items table's domain of the
+    event's item_idx) and ``previous_timestamp`` (the same user's previous event's timestamp)."""
+    return [_at_least_one_row()] + _types_and_nulls(SEQ_LONG_TYPES) + [
+        _x(gxe.ExpectColumnValuesToBeBetween, "pos:ge_0", "Positions are 0-based.", column="pos", min_value=0),
+        _x(gxe.ExpectColumnValuesToBeBetween, "item_idx:not_padding", "Events hold real items (0 is padding).",
+           column="item_idx", min_value=1),
+        _x(gxe.ExpectColumnValuesToBeBetween, "domain_idx:in_range", f"Domain indices in 0..{n_domains - 1}.",
+           column="domain_idx", min_value=0, max_value=max(n_domains - 1, 0)),
+        _x(gxe.ExpectColumnValuesToBeIncreasing, "user_idx:sorted", "Rows are grouped by user, in user_idx order.",
+           column="user_idx"),
+        _x(gxe.ExpectColumnPairValuesAToBeGreaterThanB, "time_ordered",
+           "Timestamps never decrease along a user's sequence (timestamp >= the previous event's).",
+           column_A="timestamp", column_B="previous_timestamp", or_equal=True,
+           ignore_row_if="either_value_is_missing"),
+        _x(gxe.ExpectColumnValuesToNotBeNull, "item_known",
+           "Every event's item_idx exists in the items table (derived column item_domain_idx).",
+           column="item_domain_idx"),
+        _x(gxe.ExpectColumnPairValuesToBeEqual, "item_domain_matches",
+           "An event's domain_idx equals its item's domain_idx in the items table.",
+           column_A="domain_idx", column_B="item_domain_idx", ignore_row_if="either_value_is_missing"),
+    ]
+
+
+def items_expectations(cfg: DatasetConfig, n_items: int, n_domains: int) -> list[Expectation]:
+    """On the items table sorted by item_idx."""
+    ex = [_at_least_one_row()] + _types_and_nulls(ITEM_TYPES) + [
+        _x(gxe.ExpectColumnValuesToBeUnique, "item_idx:unique", "One row per item index.", column="item_idx"),
+        _x(gxe.ExpectColumnValuesToBeUnique, "item_id:unique", "One index per item id.", column="item_id"),
+        _x(gxe.ExpectColumnValuesToBeBetween, "item_idx_contiguous",
+           f"item_idx in 1..N (N = {n_items} rows; unique, so exactly 1..N with no gaps; 0 is padding).",
+           column="item_idx", min_value=1, max_value=max(n_items, 1)),
+        _x(gxe.ExpectColumnValuesToBeBetween, "domain_idx:in_range", f"Domain indices in 0..{n_domains - 1}.",
+           column="domain_idx", min_value=0, max_value=max(n_domains - 1, 0)),
+        _x(gxe.ExpectColumnValuesToBeIncreasing, "domain_contiguous",
+           "In item_idx order domain_idx never decreases: each domain is one slice of the index.",
+           column="domain_idx"),
+    ]
+    if cfg.domains:
+        ex.append(_x(gxe.ExpectColumnValuesToBeInSet, "domain:declared_domain", "Only declared domains.",
+                     column="domain", value_set=list(cfg.domains)))
+    return ex
+
+
+def users_expectations(c: UserConstraints) -> list[Expectation]:
+    """On the per-user summary (schemas.user_summary)."""
+    ex = [
+        _x(gxe.ExpectColumnValuesToBeUnique, "user_idx:unique", "One summary row per user.", column="user_idx"),
+        _x(gxe.ExpectColumnValuesToBeBetween, "leave_one_out_min_events",
+           f"Every user has >= {MIN_SEQUENCE_EVENTS} events (train, validation and test targets).",
+           column="n_events", min_value=MIN_SEQUENCE_EVENTS),
+        _x(gxe.ExpectColumnValuesToBeInSet, "time_ordered", "Timestamps never decrease along a sequence.",
+           column="time_ordered", value_set=[True]),
+        _x(gxe.ExpectColumnValuesToBeInSet, "pos_contiguous", "Positions are 0..len-1 in row order.",
+           column="pos_contiguous", value_set=[True]),
+    ]
+    if c.min_events > MIN_SEQUENCE_EVENTS:
+        ex.append(_x(gxe.ExpectColumnValuesToBeBetween, "min_user_events",
+                     f"Every user has >= {c.min_events} events (filter min_user_events).",
+                     column="n_events", min_value=c.min_events))
+    if c.min_domains is not None:
+        ex.append(_x(gxe.ExpectColumnValuesToBeBetween, "min_user_domains",
+                     f"Every user has events in >= {c.min_domains} domains (filter min_user_domains).",
+                     column="n_domains", min_value=c.min_domains))
+    if c.min_events_every_domain is not None:
+        ex.append(_x(gxe.ExpectColumnValuesToBeBetween, "min_user_domain_events",
+                     f"Every user has >= {c.min_events_every_domain} events in every domain "
+                     "(filter min_user_domain_events, domains_required: all).",
+                     column="min_domain_events_all", min_value=c.min_events_every_domain))
+    if c.min_events_present_domain is not None:
+        ex.append(_x(gxe.ExpectColumnValuesToBeBetween, "min_user_domain_events",
+                     f"Every domain a user has holds >= {c.min_events_present_domain} of their events "
+                     "(filter min_user_domain_events, domains_required: present / min_domain_user_events).",
+                     column="min_domain_events", min_value=c.min_events_present_domain))
+    return ex
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_suites(tables: list[GxTable], docs_dir: Path, result_format: str = "SUMMARY") -> dict[str, dict[str, Any]]:
+    """Validate every table in one temporary file-backed context; copy Data Docs to ``docs_dir``.
+
+    Returns ``{"<asset>.<check>": {"expectation", "success", "unexpected_count",
+    "partial_unexpected", ["error"]}}``. Always writes the docs (also when expectations fail).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="cdsr-gx-") as tmp:
+        ctx = gx.get_context(mode="file", project_root_dir=tmp)
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        ds = ctx.data_sources.add_pandas("cdsr")
+        for t in tables:
+            asset = ds.add_dataframe_asset(t.asset)
+            batch = asset.add_batch_definition_whole_dataframe("whole_table")
+            suite = ctx.suites.add(gx.ExpectationSuite(name=t.asset, expectations=list(t.expectations)))
+            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=t.asset, data=batch, suite=suite))
+            # results go to the context's validation store; the docs are built once below
+            # (each site build recompiles GX's templates, ~0.7 s, so not one build per table)
+            cp = ctx.checkpoints.add(gx.Checkpoint(name=t.asset, validation_definitions=[vd], actions=[],
+                                                   result_format={"result_format": result_format}))
+            res = cp.run(batch_parameters={"dataframe": t.frame})
+            for vr in res.run_results.values():
+                for r in vr.results:
+                    cfg = r.expectation_config
+                    key = f"{t.asset}.{(cfg.meta or {}).get('check', cfg.type)}"
+                    while key in out:  # two expectations with one check name: keep both
+                        key += "'"
+                    info = r.exception_info or {}
+                    entry: dict[str, Any] = {
+                        "expectation": cfg.type,
+                        "success": bool(r.success),
+                        "unexpected_count": r.result.get("unexpected_count"),
+                        "partial_unexpected": [_plain(v) for v in (r.result.get("partial_unexpected_list") or [])[:5]],
+                    }
+                    if info.get("raised_exception"):
+                        entry["error"] = str(info.get("exception_message"))
+                    out[key] = entry
+        ctx.build_data_docs()  # every stored suite and validation result, plus the index
+        site = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
+        if docs_dir.exists():
+            shutil.rmtree(docs_dir)
+        shutil.copytree(site, docs_dir)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """JSON-friendly example values (numpy scalars, NaN)."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v

@@ -1,0 +1,168 @@
+"""torch datasets over a built split (ARCHITECTURE.md, "The model interface").
+
+Sequences are held as flat arrays + offsets, and a batch is cut out of them with one vectorised
+gather (no per-user Python work). Windows are right-aligned: the last column is the most recent
+event, padding (item 0, mask False) is on the left.
+
+Training batch (one example per user; the user's training prefix P = events[0 : n-2]):
+    items, domains, timestamps, mask   [B, L]   inputs   P[:-1]  (last L)
+    targets, target_domains            [B, L]   next events P[1:] (0 where padded)
+    target_domain                      [B]      domain of the last target
+Evaluation batch (one example per (user, split) target at position t):
+    items, domains, timestamps, mask   [B, L]   history events[0 : t] (last L)
+    target, target_domain, user_idx    [B]
+    negatives [B, K], n_negatives [B]           only when a sampled protocol is asked for
+The target item never appears in an input: inputs stop strictly before the target position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    max_len: int = 50
+    batch_size: int = 256
+    eval_batch_size: int = 512
+
+
+@dataclass
+class SplitData:
+    """A built dataset in memory: flat event arrays, per-user offsets, targets, negatives."""
+
+    items: np.ndarray  # [E] int64
+    domains: np.ndarray  # [E] int64
+    timestamps: np.ndarray  # [E] int64
+    offsets: np.ndarray  # [U + 1] int64; user u's events are [offsets[u], offsets[u+1])
+    targets: pl.DataFrame  # user_idx, split, pos, item_idx, domain_idx
+    negatives: pl.DataFrame | None  # user_idx, split, negatives, n_negatives
+    domain_ranges: np.ndarray  # [D, 2] first / last item_idx of each domain
+    domain_names: list[str]
+
+    @property
+    def n_items(self) -> int:
+        return int(self.domain_ranges[:, 1].max())
+
+    @classmethod
+    def load(cls, processed: str | Path) -> "SplitData":
+        p = Path(processed)
+        seqs = pl.read_parquet(p / "sequences.parquet").sort("user_idx")
+        if not (seqs["user_idx"].to_numpy() == np.arange(seqs.height)).all():
+            raise ValueError(f"{p / 'sequences.parquet'}: user_idx is not 0..U-1")
+        items = pl.read_parquet(p / "items.parquet")
+        lens = seqs["items"].list.len().to_numpy().astype(np.int64)
+        negs = pl.read_parquet(p / "negatives.parquet") if (p / "negatives.parquet").exists() else None
+        ranges = (items.group_by("domain_idx").agg(pl.col("item_idx").min().alias("lo"), pl.col("item_idx").max().alias("hi"))
+                  .sort("domain_idx"))
+        names = items.unique("domain_idx").sort("domain_idx")["domain"].to_list()
+        return cls(
+            items=seqs["items"].explode().to_numpy().astype(np.int64),
+            domains=seqs["domains"].explode().to_numpy().astype(np.int64),
+            timestamps=seqs["timestamps"].explode().to_numpy().astype(np.int64),
+            offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            targets=pl.read_parquet(p / "split.parquet"),
+            negatives=negs,
+            domain_ranges=np.stack([ranges["lo"].to_numpy(), ranges["hi"].to_numpy()], 1).astype(np.int64),
+            domain_names=names,
+        )
+
+
+def _windows(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-aligned windows of flat[starts:ends] (last L values). Returns (values [B, L], mask)."""
+    idx = ends[:, None] - L + np.arange(L)[None, :]
+    mask = idx >= np.maximum(starts, ends - L)[:, None]
+    vals = flat[np.clip(idx, 0, max(len(flat) - 1, 0))]
+    return np.where(mask, vals, 0), mask
+
+
+class TrainDataset(Dataset):
+    """One example per user with at least two training events; index with a list of indices."""
+
+    def __init__(self, data: SplitData, max_len: int):
+        self.data, self.L = data, max_len
+        n = np.diff(data.offsets)
+        self.users = np.flatnonzero(n - 2 >= 2)  # prefix of >= 2 events gives >= 1 target
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        u = self.users[np.asarray(index, dtype=np.int64).reshape(-1)]
+        d = self.data
+        s, e = d.offsets[u], d.offsets[u + 1] - 2  # training prefix [s, e)
+        items, mask = _windows(d.items, s, e - 1, self.L)
+        doms, _ = _windows(d.domains, s, e - 1, self.L)
+        ts, _ = _windows(d.timestamps, s, e - 1, self.L)
+        tgt, _ = _windows(d.items, s + 1, e, self.L)
+        tdom, _ = _windows(d.domains, s + 1, e, self.L)
+        return {
+            "user_idx": torch.from_numpy(u),
+            "items": torch.from_numpy(items), "domains": torch.from_numpy(doms),
+            "timestamps": torch.from_numpy(ts), "mask": torch.from_numpy(mask),
+            "targets": torch.from_numpy(np.where(mask, tgt, 0)), "target_domains": torch.from_numpy(np.where(mask, tdom, 0)),
+            "target_domain": torch.from_numpy(tdom[:, -1].copy()),
+        }
+
+
+class EvalDataset(Dataset):
+    """One example per (user, split) target; ``n_negatives`` > 0 attaches sampled negatives."""
+
+    def __init__(self, data: SplitData, split: str, max_len: int, n_negatives: int = 0):
+        self.data, self.L = data, max_len
+        t = data.targets.filter(pl.col("split") == split).sort("user_idx")
+        if t.height == 0:
+            raise ValueError(f"no '{split}' targets in the split")
+        self.user = t["user_idx"].to_numpy().astype(np.int64)
+        self.pos = t["pos"].to_numpy().astype(np.int64)
+        self.neg = self.neg_count = None
+        if n_negatives:
+            if data.negatives is None:
+                raise ValueError("negatives.parquet is missing: rebuild the split")
+            ng = data.negatives.filter(pl.col("split") == split).sort("user_idx")
+            if not (ng["user_idx"].to_numpy() == self.user).all():
+                raise ValueError("negatives do not line up with the targets")
+            lists = ng["negatives"]
+            k = min(n_negatives, int(lists.list.len().max()))
+            lens = np.minimum(lists.list.len().to_numpy(), k)
+            flat = lists.explode().to_numpy().astype(np.int64)
+            offs = np.concatenate([[0], np.cumsum(lists.list.len().to_numpy())])
+            idx = offs[:-1, None] + np.arange(k)[None, :]
+            ok = np.arange(k)[None, :] < lens[:, None]
+            self.neg = np.where(ok, flat[np.clip(idx, 0, len(flat) - 1)], 0)  # 0-padded when a domain is small
+            self.neg_count = lens.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        i = np.asarray(index, dtype=np.int64).reshape(-1)
+        d, u, p = self.data, self.user[i], self.pos[i]
+        s, e = d.offsets[u], d.offsets[u] + p
+        items, mask = _windows(d.items, s, e, self.L)
+        doms, _ = _windows(d.domains, s, e, self.L)
+        ts, _ = _windows(d.timestamps, s, e, self.L)
+        out = {
+            "user_idx": torch.from_numpy(u),
+            "items": torch.from_numpy(items), "domains": torch.from_numpy(doms),
+            "timestamps": torch.from_numpy(ts), "mask": torch.from_numpy(mask),
+            "target": torch.from_numpy(d.items[e]), "target_domain": torch.from_numpy(d.domains[e]),
+            "target_timestamp": torch.from_numpy(d.timestamps[e]),
+        }
+        if self.neg is not None:
+            out["negatives"] = torch.from_numpy(self.neg[i])
+            out["n_negatives"] = torch.from_numpy(self.neg_count[i])
+        return out
+
+
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches are built by the dataset from a list of indices (vectorised); the shuffling
+    order is fixed by ``seed``."""
+    base = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, sampler=BatchSampler(base, batch_size, drop_last=False), batch_size=None)

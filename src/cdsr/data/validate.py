@@ -1,0 +1,284 @@
+"""Data validation of the pipeline's tables: pandera schemas + Great Expectations suites.
+
+Two entry points, called by the pipeline stages after they write a table:
+
+* :func:`validate_interactions`: the ingest stage's canonical interactions.
+* :func:`validate_sequences`: the sequences stage's exploded sequences and item index.
+
+Each runs both layers (pandera for exact row-level failures with examples, GX for the
+human-readable Data Docs), always writes ``out_dir/validation.json`` and ``out_dir/data_docs/``
+(open ``index.html``), then raises :class:`ValidationFailed` if any check failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.errors import SchemaErrors
+
+from cdsr.data import expectations as gxs
+from cdsr.data import schemas
+from cdsr.data.config import DatasetConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ValidationFailed", "validate_interactions", "validate_sequences"]
+
+MAX_EXAMPLES = 3
+
+
+class ValidationFailed(Exception):
+    """A table broke one or more checks.
+
+    ``str(exc)`` is a readable summary: the table, each failing check with its failure count
+    and a few example rows (``source_file:source_line`` for interactions). ``exc.report`` is
+    the dict written to validation.json; ``exc.out_dir`` holds it and the Data Docs.
+    """
+
+    def __init__(self, message: str, report: dict[str, Any], out_dir: Path) -> None:
+        super().__init__(message)
+        self.report = report
+        self.out_dir = out_dir
+
+
+# --------------------------------------------------------------------------- pandera layer
+
+
+def _pandera_keys(table: str, schema: pa.DataFrameSchema) -> list[str]:
+    """Every check of a schema as a report key (so passing checks show up as "ok")."""
+    keys = []
+    for col, c in schema.columns.items():
+        keys += [f"{table}.{col}:present", f"{table}.{col}:dtype"]
+        if not c.nullable:
+            keys.append(f"{table}.{col}:not_null")
+        if c.unique:
+            keys.append(f"{table}.{col}:unique")
+        keys += [f"{table}.{col}:{ch.name}" for ch in c.checks]
+    keys += [f"{table}.{ch.name}" for ch in schema.checks]
+    return keys
+
+
+def _failure_key(table: str, schema: pa.DataFrameSchema, context: str, column: Any, check: Any, number: Any) -> str:
+    """Map one group of pandera failure cases to its report key."""
+    check = str(check)
+    if check == "column_in_dataframe":
+        return ""  # keyed per missing column by the caller (the column name is the failure case)
+    has_num = number is not None and not pd.isna(number)
+    if context == "DataFrameSchema" and has_num:
+        return f"{table}.{schema.checks[int(number)].name}"
+    if column is not None and not pd.isna(column) and column in schema.columns:
+        if has_num:
+            return f"{table}.{column}:{schema.columns[column].checks[int(number)].name}"
+        if check == "not_nullable":
+            return f"{table}.{column}:not_null"
+        if check == "field_uniqueness":
+            return f"{table}.{column}:unique"
+        if check.startswith("dtype("):
+            return f"{table}.{column}:dtype"
+        return f"{table}.{column}:{check}"
+    return f"{table}.{check}"
+
+
+def run_pandera(table: str, df: pd.DataFrame, schema: pa.DataFrameSchema) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate lazily (all failures at once).
+
+    Returns ``({key: "ok" | failure count}, [failure details])``; a detail holds the failing
+    row labels (``index``) or, for failures without rows (dtype, missing column), ``detail``.
+    """
+    results: dict[str, Any] = {k: "ok" for k in _pandera_keys(table, schema)}
+    try:
+        schema.validate(df, lazy=True, inplace=True)
+        return results, []
+    except SchemaErrors as exc:
+        fc = exc.failure_cases
+    failures: dict[str, dict[str, Any]] = {}
+    group_cols = ["schema_context", "column", "check", "check_number"]
+    for (context, column, check, number), g in fc.groupby(group_cols, dropna=False, sort=False):
+        if str(check) == "column_in_dataframe":
+            keys = [(f"{table}.{c}:present", g.iloc[[i]]) for i, c in enumerate(g["failure_case"])]
+        else:
+            keys = [(_failure_key(table, schema, context, column, check, number), g)]
+        for key, rows in keys:
+            f = failures.setdefault(key, {"layer": "pandera", "check": key, "index": [], "detail": []})
+            idx = rows["index"].dropna()
+            if len(idx):
+                f["index"].extend(idx.tolist())
+            else:
+                expected = (f" (expected {schema.columns[column].dtype})"
+                            if key.endswith(":dtype") and column in schema.columns else "")
+                f["detail"].extend(f"{v}{expected}" for v in rows["failure_case"].astype(str).unique()[:MAX_EXAMPLES])
+    out = []
+    for key, f in failures.items():
+        f["index"] = sorted(set(f["index"]), key=_sort_label)
+        f["count"] = len(f["index"]) or max(len(f["detail"]), 1)
+        results[key] = f["count"]
+        out.append(f)
+    return results, out
+
+
+def _sort_label(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _as_pandas(df: Any) -> pd.DataFrame:
+    """Accept a polars frame too; give every row a unique label (failure cases cite labels)."""
+    if not isinstance(df, pd.DataFrame) and hasattr(df, "to_pandas"):
+        df = df.to_pandas()
+    if not df.index.is_unique:
+        df = df.reset_index(drop=True)
+    return df
+
+
+def _example(table: str, frame: pd.DataFrame, label: Any) -> str:
+    try:
+        row = frame.loc[label]
+    except KeyError:
+        return f"row {label}"
+    if isinstance(row, pd.DataFrame):
+        row = row.iloc[0]
+    if table == "interactions" and {"source_file", "source_line"} <= set(row.index):
+        pos = row.get("source_pos")
+        where = f"{row['source_file']}:{row['source_line']}" + (f" (event {pos})" if pd.notna(pos) and pos else "")
+        fields = ", ".join(f"{c}={_scalar(row[c])!r}" for c in ("user_id", "item_id", "domain", "timestamp", "rating")
+                           if c in row.index)
+        return f"{where}: {fields}"
+    return ", ".join(f"{c}={_scalar(v)!r}" for c, v in row.items())
+
+
+def _scalar(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _finish(table: str, cfg: DatasetConfig, out_dir: Path, rows: int, frames: dict[str, pd.DataFrame],
+            pandera_results: dict[str, Any], pandera_failures: list[dict[str, Any]],
+            gx_results: dict[str, dict[str, Any]], extra: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Write validation.json (always), log, and raise ValidationFailed on any failure."""
+    gx_failed = {k: v for k, v in gx_results.items() if not v["success"]}
+    failures: list[dict[str, Any]] = []
+    for f in pandera_failures:
+        tname = f["check"].split(".", 1)[0]
+        frame = frames.get(tname)
+        examples = ([_example(tname, frame, lab) for lab in f["index"][:MAX_EXAMPLES]] if frame is not None
+                    else []) or f["detail"]
+        failures.append({"layer": "pandera", "check": f["check"], "count": f["count"], "examples": examples})
+    for k, v in gx_failed.items():
+        examples = [v["error"]] if v.get("error") else [repr(x) for x in v["partial_unexpected"][:MAX_EXAMPLES]]
+        failures.append({"layer": "great_expectations", "check": k, "expectation": v["expectation"],
+                         "count": v["unexpected_count"], "examples": examples})
+    report = {
+        "table": table,
+        "dataset": cfg.name,
+        "success": not failures,
+        "rows": int(rows),
+        **extra,
+        "pandera": pandera_results,
+        "great_expectations": {k: {"expectation": v["expectation"], "success": v["success"],
+                                   "unexpected_count": v["unexpected_count"],
+                                   **({"error": v["error"]} if v.get("error") else {})}
+                               for k, v in gx_results.items()},
+        "failures": failures,
+        "data_docs": "data_docs/index.html",
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "validation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    n_checks = len(pandera_results) + len(gx_results)
+    if not failures:
+        log.info("%s of dataset '%s': %d checks passed on %d rows (%.1fs)", table, cfg.name, n_checks, rows,
+                 report["elapsed_s"])
+        return report
+    raise ValidationFailed(_message(report, out_dir), report, out_dir)
+
+
+def _message(report: dict[str, Any], out_dir: Path) -> str:
+    fs = report["failures"]
+    lines = [f"{report['table']} of dataset '{report['dataset']}' failed validation ({report['rows']} rows): "
+             f"{len(fs)} failing check(s)"]
+    for f in fs:
+        what = "failed" if f["count"] is None else (
+            f"{f['count']} failing row(s)" if f["layer"] == "pandera" else f"{f['count']} unexpected value(s)")
+        exp = f" [{f['expectation']}]" if f.get("expectation") else ""
+        lines.append(f"  {f['layer']} {f['check']}{exp}: {what}")
+        lines += [f"      e.g. {e}" for e in f["examples"][:MAX_EXAMPLES]]
+    lines.append(f"  report: {out_dir / 'validation.json'}; Data Docs: {out_dir / 'data_docs' / 'index.html'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def validate_interactions(df: pd.DataFrame, cfg: DatasetConfig, out_dir: Path) -> dict:
+    """Validate the canonical interactions table (layout in cdsr.data.ingest).
+
+    Writes ``out_dir/validation.json`` and ``out_dir/data_docs/``; returns the report, or
+    raises :class:`ValidationFailed` (after writing both) if any check failed.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    df = _as_pandas(df)
+    p_res, p_fail = run_pandera("interactions", df, schemas.interactions_schema(cfg))
+    tables = [gxs.GxTable("interactions", df, gxs.interactions_expectations(cfg))]
+    if {"item_id", "domain"} <= set(df.columns):
+        tables.append(gxs.GxTable("interaction_items", schemas.item_domains(df), gxs.item_domain_expectations()))
+    g_res = gxs.run_suites(tables, out_dir / "data_docs")
+    extra = {"policies": {"duplicates": cfg.ingest.duplicates, "domains": list(cfg.domains),
+                          "timestamp_bounds": list(cfg.ingest.timestamp_bounds())}}
+    return _finish("interactions", cfg, out_dir, len(df), {"interactions": df}, p_res, p_fail, g_res, extra, t0)
+
+
+def validate_sequences(seq_long: pd.DataFrame, items: pd.DataFrame, cfg: DatasetConfig, out_dir: Path) -> dict:
+    """Validate the exploded sequences and the item index (layouts in cdsr.data.sequences).
+
+    Besides the row checks of both tables, a per-user summary (schemas.user_summary) carries
+    the per-user constraints: >= 3 events, time order, contiguous positions and the filter
+    thresholds that must hold on the final table (schemas.user_constraints).
+    Writes ``out_dir/validation.json`` and ``out_dir/data_docs/``; returns the report, or
+    raises :class:`ValidationFailed` (after writing both) if any check failed.
+    """
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    seq_long, items = _as_pandas(seq_long), _as_pandas(items)
+    n_domains = schemas.n_domains_of(cfg, items)
+    constraints = schemas.user_constraints(cfg)
+    frames: dict[str, pd.DataFrame] = {"seq_long": seq_long, "items": items}
+    p_res, p_fail = run_pandera("seq_long", seq_long, schemas.seq_long_schema(items, n_domains))
+    r, f = run_pandera("items", items, schemas.items_schema(cfg, n_domains))
+    p_res.update(r)
+    p_fail += f
+
+    # GX sees seq_long with two derived columns, so the cross-table and cross-row checks are
+    # column expectations that show row-level results in Data Docs
+    tables = []
+    seq_gx = seq_long.copy(deep=False)
+    if {"item_idx", "domain_idx"} <= set(items.columns) and "item_idx" in seq_long.columns:
+        item_dom = items.dropna(subset=["item_idx"]).drop_duplicates("item_idx").set_index("item_idx")["domain_idx"]
+        seq_gx["item_domain_idx"] = seq_long["item_idx"].map(item_dom)
+    if {"user_idx", "pos", "timestamp"} <= set(seq_long.columns):
+        seq_gx["previous_timestamp"] = schemas.previous_timestamp(seq_long)
+    tables.append(gxs.GxTable("seq_long", seq_gx, gxs.seq_long_expectations(n_domains)))
+    items_sorted = items.sort_values("item_idx", kind="stable") if "item_idx" in items.columns else items
+    tables.append(gxs.GxTable("items", items_sorted, gxs.items_expectations(cfg, len(items), n_domains)))
+    skipped = []
+    if set(schemas.SEQ_LONG_COLUMNS) <= set(seq_long.columns):
+        users = schemas.user_summary(seq_long, n_domains)
+        frames["users"] = users
+        r, f = run_pandera("users", users, schemas.users_schema(constraints))
+        p_res.update(r)
+        p_fail += f
+        tables.append(gxs.GxTable("users", users, gxs.users_expectations(constraints)))
+    else:  # the missing columns are reported by the seq_long schema
+        skipped.append("users (seq_long lacks columns)")
+    g_res = gxs.run_suites(tables, out_dir / "data_docs")
+    extra = {"items": int(len(items)), "users": int(len(frames["users"])) if "users" in frames else None,
+             "domains": n_domains, "user_constraints": constraints.describe(),
+             "domains_required": cfg.sequences.domains_required, "skipped": skipped}
+    return _finish("sequences", cfg, out_dir, len(seq_long), frames, p_res, p_fail, g_res, extra, t0)
