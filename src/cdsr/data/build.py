@@ -16,7 +16,7 @@ Layout under ``<root>/<dataset>/`` (root = ``data`` by default)::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -54,10 +54,16 @@ def stage_generate(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
     return write_raw(cfg.generator, paths(cfg, data_root).raw)
 
 
+def with_data_root(cfg: DatasetConfig, data_root: str | Path) -> DatasetConfig:
+    """Substitute ``{data_root}`` in source paths (generated datasets read their own raw/)."""
+    sources = [replace(s, path=s.path.replace("{data_root}", str(data_root))) for s in cfg.sources]
+    return replace(cfg, sources=sources)
+
+
 def stage_ingest(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
     from cdsr.data.ingest import ingest
 
-    return ingest(cfg, paths(cfg, data_root).interim)
+    return ingest(with_data_root(cfg, data_root), paths(cfg, data_root).interim)
 
 
 def stage_validate(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:

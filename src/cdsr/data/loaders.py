@@ -130,9 +130,10 @@ class EvalDataset(Dataset):
                 raise ValueError("negatives do not line up with the targets")
             lists = ng["negatives"]
             k = min(n_negatives, int(lists.list.len().max()))
-            lens = np.minimum(lists.list.len().to_numpy(), k)
+            full = lists.list.len().to_numpy().astype(np.int64)
+            lens = np.minimum(full, k)
             flat = lists.explode().to_numpy().astype(np.int64)
-            offs = np.concatenate([[0], np.cumsum(lists.list.len().to_numpy())])
+            offs = np.concatenate([[0], np.cumsum(full)]).astype(np.int64)
             idx = offs[:-1, None] + np.arange(k)[None, :]
             ok = np.arange(k)[None, :] < lens[:, None]
             self.neg = np.where(ok, flat[np.clip(idx, 0, len(flat) - 1)], 0)  # 0-padded when a domain is small

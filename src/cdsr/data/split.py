@@ -72,7 +72,7 @@ def sample_negatives(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFr
                   .explode("items").filter((pl.col("items") >= lo) & (pl.col("items") <= hi)))
             rows_ex = ex["row"].to_numpy().astype(np.int64)
             cols_ex = (ex["items"].to_numpy() - lo).astype(np.int64)
-            sparse = v >= 8 * k  # big domain: rejection sampling beats a [users x items] key matrix
+            sparse = v >= 32 * k  # big domain: rejection sampling beats a [users x items] key matrix
             step = max(1, max_cells // (3 * k if sparse else v))
             for s in range(0, len(users), step):
                 b = min(step, len(users) - s)

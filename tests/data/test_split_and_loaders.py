@@ -1,0 +1,133 @@
+"""Split (leave-one-out, sampled negatives) and the torch loaders built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from helpers import make_cfg
+
+from cdsr.data.build import build
+from cdsr.data.loaders import EvalDataset, SplitData, TrainDataset, make_loader
+from cdsr.data.split import SplitError, build_split, leave_one_out, sample_negatives
+
+
+def _seqs(lists, domains):
+    return pl.DataFrame({"user_idx": list(range(len(lists))), "user_id": [f"u{i}" for i in range(len(lists))],
+                         "items": lists, "domains": domains,
+                         "timestamps": [list(range(len(x))) for x in lists]})
+
+
+def _items(n_per_domain):
+    rows, idx = [], 1
+    for d, n in enumerate(n_per_domain):
+        for _ in range(n):
+            rows.append((idx, f"i{idx}", d, f"D{d}"))
+            idx += 1
+    return pl.DataFrame(rows, schema=["item_idx", "item_id", "domain_idx", "domain"], orient="row")
+
+
+def test_leave_one_out_positions():
+    seqs = _seqs([[1, 5, 2, 6], [3, 4, 7]], [[0, 1, 0, 1], [0, 0, 1]])
+    t = leave_one_out(seqs)
+    assert t.filter(pl.col("split") == "test").select("user_idx", "pos", "item_idx", "domain_idx").rows() == [(0, 3, 6, 1), (1, 2, 7, 1)]
+    assert t.filter(pl.col("split") == "valid").select("user_idx", "pos", "item_idx", "domain_idx").rows() == [(0, 2, 2, 0), (1, 1, 4, 0)]
+    with pytest.raises(SplitError, match="fewer than 3 events"):
+        leave_one_out(_seqs([[1, 2]], [[0, 0]]))
+
+
+@pytest.mark.parametrize("n_items,k", [(30, 10), (400, 10)])  # exact Gumbel path / rejection path
+def test_negatives_valid_deterministic_and_uniform(n_items, k):
+    rng = np.random.default_rng(0)
+    n_users = 3000
+    lists = [sorted(rng.choice(np.arange(1, n_items + 1), size=6, replace=False).tolist()) for _ in range(n_users)]
+    seqs = _seqs(lists, [[0] * 6] * n_users)
+    items = _items([n_items])
+    targets = leave_one_out(seqs)
+    a = sample_negatives(seqs, targets, items, k, seed=1)
+    b = sample_negatives(seqs, targets, items, k, seed=1)
+    c = sample_negatives(seqs, targets, items, k, seed=2)
+    assert a.equals(b) and not a.equals(c)
+    negs = a["negatives"].to_list()
+    assert all(len(n) == k == len(set(n)) for n in negs)
+    hist = {u: set(x) for u, x in zip(seqs["user_idx"].to_list(), lists)}
+    assert all(not (set(n) & hist[u]) for u, n in zip(a["user_idx"].to_list(), negs))
+    assert all(1 <= x <= n_items for n in negs for x in n)
+    # uniform: every item is drawn about equally often (given it is not in the history)
+    counts = np.bincount(np.concatenate(negs), minlength=n_items + 1)[1:]
+    exposure = np.array([sum(i + 1 not in h for h in hist.values()) for i in range(n_items)]) * 2  # two splits
+    rate = counts / exposure
+    assert rate.std() / rate.mean() < 0.12
+    # the first slots are uniform too (sampled-100 takes a prefix of the sampled-999 draw)
+    first = np.bincount([n[0] for n in negs], minlength=n_items + 1)[1:]
+    assert first.min() > 0
+
+
+def test_negatives_stay_in_the_target_domain_and_short_domains_are_counted():
+    seqs = _seqs([[1, 2, 6, 7], [3, 8, 4, 9]], [[0, 0, 1, 1], [0, 1, 0, 1]])
+    items = _items([5, 5])  # domain 0: 1..5, domain 1: 6..10
+    targets = leave_one_out(seqs)
+    negs = sample_negatives(seqs, targets, items, 999, seed=0).join(targets, on=["user_idx", "split"])
+    for row in negs.iter_rows(named=True):
+        lo, hi = (1, 5) if row["domain_idx"] == 0 else (6, 10)
+        assert all(lo <= x <= hi for x in row["negatives"])
+        assert row["n_negatives"] == len(row["negatives"]) < 999  # fewer items than asked: counted, not padded
+    cfg = make_cfg()
+    _, _, meta = build_split(seqs, items, cfg)
+    assert meta["short_negative_rows"] == {"sampled-999": 4, "sampled-100": 4}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    cfg = make_cfg(generator={"users": 200, "items_per_domain": 150, "topics": 6, "malformed_rows": 3, "duplicate_rows": 2},
+                   sources=[{"format": "ratings-csv-2014", "path": "{data_root}/t/raw/*.csv"},
+                            {"format": "amazon-review-json", "path": "{data_root}/t/raw/*.json.gz"}],
+                   domains=["Books", "Movies_and_TV", "CDs_and_Vinyl"],
+                   sequences={"filters": [{"min_user_domains": 2}, {"min_user_events": 5}], "domains_required": "present"},
+                   split={"negatives": {"sampled-100": 100}})
+    build(cfg, root, log=lambda s: None)
+    return SplitData.load(root / "t" / "processed")
+
+
+def test_train_batch_is_right_aligned_and_shifted(built):
+    ds = TrainDataset(built, max_len=8)
+    b = ds[[0, 1, 2]]
+    for r in range(3):
+        u = int(b["user_idx"][r])
+        s, e = built.offsets[u], built.offsets[u + 1] - 2  # training prefix excludes valid + test
+        full = built.items[s:e]
+        m = b["mask"][r].numpy()
+        assert m[-1] and (np.diff(m.astype(int)) >= 0).all()  # padding on the left only
+        assert b["items"][r][m].tolist() == full[:-1][-8:].tolist()
+        assert b["targets"][r][m].tolist() == full[1:][-8:].tolist()
+        assert int(b["target_domain"][r]) == built.domains[e - 1]
+        assert (b["items"][r][~m] == 0).all()
+
+
+def test_eval_history_stops_before_the_target(built):
+    ds = EvalDataset(built, "test", max_len=10, n_negatives=100)
+    b = ds[list(range(len(ds)))]
+    pos = ds.pos
+    for r in range(len(ds)):
+        u = int(b["user_idx"][r])
+        seq = built.items[built.offsets[u] : built.offsets[u + 1]]
+        assert int(b["target"][r]) == seq[pos[r]] == seq[-1]
+        assert b["items"][r][b["mask"][r]].tolist() == seq[: pos[r]][-10:].tolist()  # nothing at or after the target
+        assert int(b["target"][r]) not in b["negatives"][r].tolist()
+    valid = EvalDataset(built, "valid", max_len=10)
+    vb = valid[[0]]
+    u = int(vb["user_idx"][0])
+    seq = built.items[built.offsets[u] : built.offsets[u + 1]]
+    assert int(vb["target"][0]) == seq[-2] and seq[-1] not in vb["items"][0][vb["mask"][0]].tolist()[-1:]
+
+
+def test_loader_is_deterministic_for_a_seed(built):
+    ds = TrainDataset(built, max_len=8)
+    first = [b["user_idx"] for b in make_loader(ds, 16, shuffle=True, seed=3)]
+    again = [b["user_idx"] for b in make_loader(ds, 16, shuffle=True, seed=3)]
+    other = [b["user_idx"] for b in make_loader(ds, 16, shuffle=True, seed=4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert sorted(torch.cat(first).tolist()) == sorted(ds.users.tolist())
