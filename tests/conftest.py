@@ -9,6 +9,10 @@ import pytest
 
 import cdsr  # noqa: F401  (offline settings)
 
+# Prefect logs "stopping temporary server" at interpreter exit, after pytest closed its capture
+# streams; warnings and errors still show.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CDSR_SHARED", ROOT.parent / "shared"))
 SHARED_DATA = SHARED / "data"
