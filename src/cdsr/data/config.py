@@ -50,6 +50,8 @@ class IngestConfig:
     max_timestamp: str | int | None = "2030-12-31"
     # bytes read per streamed chunk: bounds memory independently of the file size
     chunk_bytes: int = 16 * 1024 * 1024
+    # DuckDB memory limit for the whole-file duplicate / cross-domain pass (spills beyond it)
+    memory_limit: str = "512MB"
 
     def timestamp_bounds(self) -> tuple[int | None, int | None]:
         return _to_unix(self.min_timestamp), _to_unix(self.max_timestamp, end_of_day=True)

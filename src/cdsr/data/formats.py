@@ -16,10 +16,11 @@ position of the event in its line.
 
 from __future__ import annotations
 
-import gzip
-import zlib
 import json
+import queue
 import re
+import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+from isal import igzip, isal_zlib
 
 from cdsr.data.config import SourceConfig
 
@@ -62,27 +64,37 @@ def file_domain(src: SourceConfig, path: Path) -> str:
 
 def _open(path: Path):
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")
+        # ISA-L's gzip reader decompresses about 2.5x faster than the standard library's
+        return igzip.open(path, "rb")
     return open(path, "rb")
 
 
 def _lines_array(body: bytes) -> pa.LargeStringArray:
-    """Arrow strings for the newline-terminated lines of ``body`` (each keeps its '\\n')."""
+    """Arrow strings for the newline-terminated lines of ``body``, without their line ends
+    ('\\n' or '\\r\\n'): the terminator bytes are dropped with one numpy mask, so no Python
+    object is made per line."""
     buf = np.frombuffer(body, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10) + 1
-    offsets = np.concatenate([[0], ends]).astype(np.int64)
-    arr = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(body))
+    nl = np.flatnonzero(buf == 10)
+    starts = np.concatenate([[0], nl[:-1] + 1])
+    cr = (nl > starts) & (buf[np.maximum(nl - 1, 0)] == 13)
+    drop = np.zeros(len(buf), dtype=bool)
+    drop[nl] = True
+    drop[nl[cr] - 1] = True
+    lengths = nl - starts - cr
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    data = buf[~drop]
+    arr = pa.LargeStringArray.from_buffers(len(nl), pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
     try:
         arr.validate(full=True)
     except pa.ArrowInvalid:
         # rare path: replace undecodable lines by a marker the parsers reject as invalid UTF-8
-        lines = [body[offsets[i] : offsets[i + 1]] for i in range(len(ends))]
         fixed = []
-        for raw in lines:
+        for i in range(len(nl)):
+            raw = data[offsets[i] : offsets[i + 1]].tobytes()
             try:
                 fixed.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                fixed.append(INVALID_UTF8 + "\n")
+                fixed.append(INVALID_UTF8)
         arr = pa.array(fixed, type=pa.large_string())
     return arr
 
@@ -90,31 +102,59 @@ def _lines_array(body: bytes) -> pa.LargeStringArray:
 INVALID_UTF8 = "\x00<invalid utf-8>\x00"
 
 
-def iter_line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, pa.LargeStringArray]]:
-    """Yield ``(first_line_number, lines)`` for consecutive chunks of a (gzipped) text file."""
+def _blocks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
     try:
         fh = _open(path)
     except OSError as exc:
         raise RawFormatError(f"{path}: cannot open: {exc}") from exc
-    line_no = 1
-    carry = b""
     with fh:
         while True:
             try:
                 block = fh.read(chunk_bytes)
-            except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:  # BadGzipFile is an OSError
                 raise RawFormatError(f"{path}: cannot read (corrupt or not {path.suffix or 'text'}?): {exc}") from exc
             if not block:
-                break
-            data = carry + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry = data
-                continue
-            body, carry = data[: cut + 1], data[cut + 1 :]
-            arr = _lines_array(body)
-            yield line_no, arr
-            line_no += len(arr)
+                return
+            yield block
+
+
+def _prefetch(it: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+    """Run ``it`` on a background thread (zlib and file reads release the GIL), ``depth`` ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for x in it:
+                q.put(x)
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        x = q.get()
+        if x is done:
+            return
+        if isinstance(x, BaseException):
+            raise x
+        yield x
+
+
+def iter_line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, pa.LargeStringArray]]:
+    """Yield ``(first_line_number, lines)`` for consecutive chunks of a (gzipped) text file."""
+    line_no = 1
+    carry = b""
+    for block in _prefetch(_blocks(path, chunk_bytes)):
+        data = carry + block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            carry = data
+            continue
+        body, carry = data[: cut + 1], data[cut + 1 :]
+        arr = _lines_array(body)
+        yield line_no, arr
+        line_no += len(arr)
     if carry:
         yield line_no, _lines_array(carry + b"\n")
 
@@ -122,9 +162,9 @@ def iter_line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, pa.Lar
 # --- format queries -------------------------------------------------------------------------
 # Each returns SQL over table ``chunk(line, source_line)`` with columns
 # user_id, item_id, domain, ts_text, rating_text, source_line, source_pos, reason_pre, raw.
-# ``line`` still carries its newline; ``L`` is the stripped line.
+# ``L`` is the line without its line end.
 
-_L = "rtrim(line, chr(10) || chr(13))"
+_L = "line"  # line ends are already stripped
 
 
 def _base(select: str, where: str = "") -> str:
@@ -133,12 +173,17 @@ def _base(select: str, where: str = "") -> str:
         select {select} from c {where}"""
 
 
-def _json_rows(fields: dict[str, str], domain: str, ts_scale: str = "") -> str:
-    """JSON lines: ``fields`` maps canonical names to JSON paths (first present wins)."""
+def _json_rows(fields: dict[str, str], domain: str) -> str:
+    """JSON lines: ``fields`` maps canonical names to JSON keys ('a|b': first present wins).
+    Each line is parsed once for validity and once for all fields together."""
+    keys: list[str] = []
+    for spec in fields.values():
+        keys += [k.strip() for k in spec.split("|") if k.strip() not in keys]
+    paths = ", ".join(f"'$.{k}'" for k in keys)
 
-    def pick(paths: str) -> str:
-        options = [f"json_extract_string(J, '$.{p.strip()}')" for p in paths.split("|")]
-        return options[0] if len(options) == 1 else f"coalesce({', '.join(options)})"
+    def pick(spec: str) -> str:
+        opts = [f"V[{keys.index(k.strip()) + 1}]" for k in spec.split("|")]
+        return opts[0] if len(opts) == 1 else f"coalesce({', '.join(opts)})"
 
     rating = pick(fields["rating"]) if "rating" in fields else "NULL"
     return f"""
@@ -148,7 +193,7 @@ def _json_rows(fields: dict[str, str], domain: str, ts_scale: str = "") -> str:
                           when L = '{INVALID_UTF8}' then 'invalid_utf8'
                           when not json_valid(L) or left(ltrim(L), 1) <> '{{' then 'bad_json' end as reason_pre
               from c),
-        k as (select *, case when reason_pre is null then L::JSON end as J from j)
+        k as (select *, case when reason_pre is null then json_extract_string(L, [{paths}]) end as V from j)
         select {pick(fields['user'])} as user_id, {pick(fields['item'])} as item_id,
                {domain} as domain, {pick(fields['timestamp'])} as ts_text, {rating} as rating_text,
                source_line, 0 as source_pos, reason_pre, L as raw
@@ -185,6 +230,7 @@ class FileReader:
     query: str
     skip_lines: int = 0
     tables: dict[str, pa.Table] | None = None  # side tables a query joins (id maps)
+    reorders: bool = False  # the query's joins/unions do not keep line order: sort its output
 
 
 def _sql_str(s: str) -> str:
@@ -274,7 +320,7 @@ def abxi_benchmark(src: SourceConfig, path: Path) -> FileReader:
         select NULL, NULL, NULL, NULL, NULL, source_line, 0,
                case when L = '' then 'empty_line' else 'no_events' end, L
         from t where len(T) <= 1"""
-    return FileReader(query, tables={"items": items, "users": users})
+    return FileReader(query, tables={"items": items, "users": users}, reorders=True)
 
 
 def syncrec_seq(src: SourceConfig, path: Path) -> FileReader:
@@ -303,7 +349,7 @@ def syncrec_seq(src: SourceConfig, path: Path) -> FileReader:
         select NULL, NULL, NULL, NULL, NULL, source_line, 0,
                case when L = '' then 'empty_line' else 'wrong_field_count' end, L
         from s where len(F) <> {len(header)}"""
-    return FileReader(query, skip_lines=1)
+    return FileReader(query, skip_lines=1, reorders=True)
 
 
 def kuairand_seq(src: SourceConfig, path: Path) -> FileReader:
@@ -330,7 +376,7 @@ def kuairand_seq(src: SourceConfig, path: Path) -> FileReader:
         select NULL, NULL, NULL, NULL, NULL, source_line, 0,
                case when L = '' then 'empty_line' else 'wrong_field_count' end, L
         from s where len(F) <> 4"""
-    return FileReader(query, skip_lines=1)
+    return FileReader(query, skip_lines=1, reorders=True)
 
 
 # The registry of raw formats (name -> reader factory). Timestamp unit is seconds unless listed

@@ -75,8 +75,10 @@ def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
 _FILE_DOMAIN_FORMATS = {"amazon-review-json", "amazon-2023-jsonl", "ratings-csv-2014", "ratings-csv-2018", "interaction-csv"}
 
 
-def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | None, int | None], domains: list[str]) -> str:
-    """Wrap a format query with the shared field checks; first failing check is the reason."""
+def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | None, int | None],
+                domains: list[str], reorders: bool) -> str:
+    """Wrap a format query with the shared field checks; first failing check is the reason.
+    The raw text is kept for rejected rows only (it is what the quarantine file shows)."""
     ms = src.format in TIMESTAMP_MS or src.timestamp_unit == "ms"
     tsd = "(try_cast(ts_text as DOUBLE) / 1000.0)" if ms else "try_cast(ts_text as DOUBLE)"
     lo, hi = bounds
@@ -91,13 +93,13 @@ def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | N
         dom_check = f"when domain not in ({dom_list}) then 'undeclared_domain'"
     return f"""
         with r as ({inner}),
-        t as (select *, trim(user_id) as u, trim(item_id) as i, {tsd} as tsd from r)
+        t as (select *, trim(user_id) as u, trim(item_id) as i, {tsd} as tsd from r),
+        v as (
         select u as user_id, i as item_id, domain,
                case when reason_pre is null and tsd is not null and isfinite(tsd)
                     then floor(tsd)::BIGINT end as timestamp,
                try_cast(rating_text as DOUBLE) as rating,
-               {_sql_str(str(path))} as source_file, source_line, source_pos::INTEGER as source_pos,
-               left(raw, {RAW_MAX_CHARS}) as raw,
+               source_line, source_pos::INTEGER as source_pos, raw,
                case when reason_pre is not null then reason_pre
                     when user_id is null then 'missing_user_id'
                     when u = '' then 'empty_user_id'
@@ -111,8 +113,10 @@ def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | N
                     when rating_text is not null and trim(rating_text) <> ''
                          and try_cast(rating_text as DOUBLE) is null then 'non_numeric_rating'
                end as reason
-        from t
-        order by source_line, source_pos"""
+        from t)
+        select user_id, item_id, domain, timestamp, rating, {_sql_str(str(path))} as source_file,
+               source_line, source_pos, case when reason is not null then left(raw, {RAW_MAX_CHARS}) end as raw, reason
+        from v {'order by source_line, source_pos' if reorders else ''}"""
 
 
 def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
@@ -127,7 +131,10 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
     bounds = cfg.ingest.timestamp_bounds()
     tmp = Path(tempfile.mkdtemp(prefix="cdsr-ingest-", dir=out_dir))
     con = duckdb.connect()
-    con.execute(f"SET temp_directory='{tmp}'; SET memory_limit='3GB'; SET preserve_insertion_order=true")
+    # a bounded memory limit makes DuckDB spill the whole-file policy pass to disk, so peak
+    # memory stays flat in the file size
+    con.execute(f"SET temp_directory='{tmp}'; SET memory_limit='{cfg.ingest.memory_limit}'; "
+                "SET preserve_insertion_order=true")
     try:
         cand_path = tmp / "candidates.parquet"
         qpath = tmp / "quarantine_rows.parquet"
@@ -138,7 +145,7 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
             reader = FORMATS[src.format](src, path)
             for name, table in (reader.tables or {}).items():
                 con.register(name, table)
-            sql = _checks_sql(reader.query, src, path, bounds, cfg.domains)
+            sql = _checks_sql(reader.query, src, path, bounds, cfg.domains, reader.reorders)
             stats = {"file": str(path), "format": src.format, "rows_read": 0, "rows_rejected": 0}
             for first, lines in iter_line_chunks(path, cfg.ingest.chunk_bytes):
                 if first <= reader.skip_lines:
@@ -220,8 +227,12 @@ def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Pa
                          then 'item_in_multiple_domains' end as fate
         from ranked r join item_dom d using (item_id)""")
     cols = ", ".join(INTERACTION_COLUMNS)
-    con.execute(f"copy (select {cols} from labelled where fate is null order by ingest_order) "
-                f"to '{out_dir / 'interactions.parquet'}' (format parquet)")
+    untouched = con.execute("select count(*) from labelled where fate is not null").fetchone()[0] == 0
+    if untouched and cand.exists():  # nothing dropped: the candidates (written in order) are the output
+        shutil.copyfile(cand, out_dir / "interactions.parquet")
+    else:
+        con.execute(f"copy (select {cols} from labelled where fate is null order by ingest_order) "
+                    f"to '{out_dir / 'interactions.parquet'}' (format parquet)")
     con.execute(f"copy (select {cols} from labelled where fate = 'duplicate' order by ingest_order) "
                 f"to '{out_dir / 'duplicates.parquet'}' (format parquet)")
     con.execute(f"""copy (
