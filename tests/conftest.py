@@ -30,3 +30,25 @@ def in_root(monkeypatch):
     """Run from the project root (params.yaml paths are relative to it)."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+TINY = {
+    "generator": {"users": 200, "items_per_domain": 150, "topics": 6, "malformed_rows": 3, "duplicate_rows": 2},
+    "sources": [{"format": "ratings-csv-2014", "path": "{data_root}/t/raw/*.csv"},
+                {"format": "amazon-review-json", "path": "{data_root}/t/raw/*.json.gz"}],
+    "domains": ["Books", "Movies_and_TV", "CDs_and_Vinyl"],
+    "sequences": {"filters": [{"min_user_domains": 2}, {"min_user_events": 5}], "domains_required": "present"},
+    "split": {"negatives": {"sampled-100": 100}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset named 't', built once per session: <root>/t/processed."""
+    from helpers import make_cfg
+
+    from cdsr.data.build import build
+
+    root = tmp_path_factory.mktemp("tiny")
+    build(make_cfg(**TINY), root, log=lambda s: None)
+    return root

@@ -111,6 +111,66 @@ def data_list(params: Optional[Path] = PARAMS, root: Path = ROOT) -> None:
         typer.echo(f"{name:34s} {state:55s} {(entry or {}).get('description', '')[:60]}")
 
 
+@app.command("models")
+def models_list() -> None:
+    """List the registered models (name first) and their variants."""
+    from cdsr.models.registry import MODELS
+
+    for name, spec in MODELS.items():
+        typer.echo(f"{name:12s} variants: {', '.join(spec.variants):16s} {spec.description}")
+
+
+@app.command("train")
+def train(
+    dataset: str = DATASET,
+    model: str = typer.Option(..., "--model", "-m", help="A registered model (see `cdsr models`)."),
+    variant: str = typer.Option("merged", "--variant", "-v", help="merged (whole multi-domain sequence) or single (one model per domain)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default: train.epochs in params)."),
+    seed: int = typer.Option(42, "--seed", help="Fixes initialisation, batch order and sampled negatives."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<dataset>/<model>-<variant>-s<seed>)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a param: train.lr=0.0005, model.d=128, evaluate.exclude_history=true."),
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+) -> None:
+    """Train a model with early stopping, evaluate its best checkpoint on test, write metrics.json."""
+    from cdsr.train.run import apply_overrides, train_run
+
+    out = out or Path("runs") / dataset / f"{model}-{variant}-s{seed}"
+    try:
+        p = apply_overrides(load_params(params), model, sets)
+        m = train_run(dataset, model, variant, p, out, seed=seed, epochs=epochs, data_root=root)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(str(exc))
+    for proto, res in m["protocols"].items():
+        dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f}" for d, v in res["domains"].items())
+        typer.echo(f"{proto:12s} overall HR@10 {res['overall']['HR@10']:.4f} NDCG@10 {res['overall']['NDCG@10']:.4f} | {dom}")
+    typer.echo(f"metrics: {out / 'metrics.json'}")
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="A run directory written by `cdsr train`."),
+    protocol: list[str] = typer.Option(["full"], "--protocol", help="full, full-all, sampled-999, sampled-100 (repeatable)."),
+    split: str = typer.Option("test", "--split", help="test or valid."),
+    exclude_history: Optional[bool] = typer.Option(None, "--exclude-history/--keep-history", help="Remove history items from full-ranking candidates."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON to write (default <run>/eval-<split>.json)."),
+) -> None:
+    """Evaluate a trained run's best checkpoint under named protocols; writes a metrics JSON."""
+    from cdsr.train.run import evaluate_run
+
+    if not (run / "config.json").exists():
+        _fail(f"{run}: not a run directory (no config.json)")
+    try:
+        m = evaluate_run(run, protocol, split, exclude_history)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(str(exc))
+    dest = out or run / f"eval-{split}.json"
+    dest.write_text(json.dumps(m, indent=2) + "\n")
+    for proto, res in m["protocols"].items():
+        typer.echo(f"{proto:12s} " + " ".join(f"{k} {v:.4f}" for k, v in res["overall"].items() if k != "n"))
+    typer.echo(f"metrics: {dest}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

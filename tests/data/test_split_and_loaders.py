@@ -8,7 +8,6 @@ import pytest
 import torch
 from helpers import make_cfg
 
-from cdsr.data.build import build
 from cdsr.data.loaders import EvalDataset, SplitData, TrainDataset, make_loader
 from cdsr.data.split import SplitError, build_split, leave_one_out, sample_negatives
 
@@ -79,16 +78,8 @@ def test_negatives_stay_in_the_target_domain_and_short_domains_are_counted():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = make_cfg(generator={"users": 200, "items_per_domain": 150, "topics": 6, "malformed_rows": 3, "duplicate_rows": 2},
-                   sources=[{"format": "ratings-csv-2014", "path": "{data_root}/t/raw/*.csv"},
-                            {"format": "amazon-review-json", "path": "{data_root}/t/raw/*.json.gz"}],
-                   domains=["Books", "Movies_and_TV", "CDs_and_Vinyl"],
-                   sequences={"filters": [{"min_user_domains": 2}, {"min_user_events": 5}], "domains_required": "present"},
-                   split={"negatives": {"sampled-100": 100}})
-    build(cfg, root, log=lambda s: None)
-    return SplitData.load(root / "t" / "processed")
+def built(tiny_root):
+    return SplitData.load(tiny_root / "t" / "processed")
 
 
 def test_train_batch_is_right_aligned_and_shifted(built):

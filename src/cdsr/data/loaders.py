@@ -45,6 +45,42 @@ class SplitData:
     negatives: pl.DataFrame | None  # user_idx, split, negatives, n_negatives
     domain_ranges: np.ndarray  # [D, 2] first / last item_idx of each domain
     domain_names: list[str]
+    # [U] exclusive end (relative to the user's start) of each training prefix; None = n - 2
+    train_end: np.ndarray | None = None
+
+    def train_ends(self) -> np.ndarray:
+        return self.train_end if self.train_end is not None else np.diff(self.offsets) - 2
+
+    def restrict_to_domain(self, d: int) -> "SplitData":
+        """The single-domain view: every user's subsequence of domain ``d`` events (same user
+        indices, possibly empty), the validation/test targets of domain ``d`` with positions
+        remapped into the subsequence, and training prefixes = domain-``d`` events of the merged
+        training prefix (so the view never trains on a merged validation/test event)."""
+        keep = self.domains == d
+        lens = np.diff(self.offsets)
+        user = np.repeat(np.arange(len(lens)), lens)
+        n_keep = np.bincount(user[keep], minlength=len(lens))
+        offsets = np.concatenate([[0], np.cumsum(n_keep)]).astype(np.int64)
+        before = np.cumsum(keep) - keep  # domain-d events strictly before each global event
+        start_count = before[self.offsets[:-1].clip(max=len(keep) - 1)] if len(keep) else np.zeros(0, np.int64)
+        start_count = np.where(lens > 0, start_count, 0)
+
+        def remap(global_pos: np.ndarray, users: np.ndarray) -> np.ndarray:
+            g = self.offsets[users] + global_pos
+            at = before[np.minimum(g, len(keep) - 1)] + np.where(g >= len(keep), keep[-1], 0)
+            return (at - start_count[users]).astype(np.int64)
+
+        users = np.arange(len(lens))
+        train_end = remap(self.train_ends(), users)
+        t = self.targets.filter(pl.col("domain_idx") == d)
+        tu = t["user_idx"].to_numpy()
+        t = t.with_columns(pos=pl.Series(remap(t["pos"].to_numpy(), tu)))
+        negs = None
+        if self.negatives is not None:
+            negs = self.negatives.join(t.select("user_idx", "split"), on=["user_idx", "split"], how="semi")
+        return SplitData(items=self.items[keep], domains=self.domains[keep], timestamps=self.timestamps[keep],
+                         offsets=offsets, targets=t, negatives=negs, domain_ranges=self.domain_ranges,
+                         domain_names=self.domain_names, train_end=train_end)
 
     @property
     def n_items(self) -> int:
@@ -87,8 +123,8 @@ class TrainDataset(Dataset):
 
     def __init__(self, data: SplitData, max_len: int):
         self.data, self.L = data, max_len
-        n = np.diff(data.offsets)
-        self.users = np.flatnonzero(n - 2 >= 2)  # prefix of >= 2 events gives >= 1 target
+        self.ends = data.train_ends()
+        self.users = np.flatnonzero(self.ends >= 2)  # a prefix of >= 2 events gives >= 1 target
 
     def __len__(self) -> int:
         return len(self.users)
@@ -96,7 +132,8 @@ class TrainDataset(Dataset):
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
         u = self.users[np.asarray(index, dtype=np.int64).reshape(-1)]
         d = self.data
-        s, e = d.offsets[u], d.offsets[u + 1] - 2  # training prefix [s, e)
+        s = d.offsets[u]
+        e = s + self.ends[u]  # training prefix [s, e)
         items, mask = _windows(d.items, s, e - 1, self.L)
         doms, _ = _windows(d.domains, s, e - 1, self.L)
         ts, _ = _windows(d.timestamps, s, e - 1, self.L)

@@ -1,0 +1,244 @@
+"""Named evaluation protocols (EVALUATION.md, "Protocols"): candidates, ranks and summaries.
+
+| name          | candidates for a target of domain d          | history excluded            |
+|---------------|----------------------------------------------|-----------------------------|
+| ``full``      | every item of domain d                       | if ``exclude_history``      |
+| ``full-all``  | every item of every domain                   | if ``exclude_history``      |
+| ``sampled-K`` | target + the first K stored negatives        | always (by construction of  |
+|               | (uniform over domain d, drawn once, seeded)  | the stored draw)            |
+
+The flow is ``rank_targets`` (one rank per target, plus the row's domain, history length and
+user) -> ``summarise`` (metrics overall, per target domain, per history-length bucket).
+Ranks use the pessimistic tie rule of :mod:`cdsr.evaluate.metrics`.
+
+Everything is batched: a batch of evaluation rows is cut by :class:`EvalDataset` with one
+vectorised gather, the candidate mask of a batch is built with tensor ops (the history mask with
+one scatter over a ragged range), and there is no per-user Python work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cdsr.data.loaders import EvalDataset, SplitData
+from cdsr.evaluate.metrics import KS, metrics_from_ranks, ranks_full, ranks_sampled
+
+# Upper bound on the cells of one [B, n_items + 1] score matrix (2^26 float32 = 256 MiB, plus
+# two bool masks of the same shape): the full protocols shrink the batch for huge catalogues.
+MAX_SCORE_CELLS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    kind: Literal["full", "sampled"]
+    all_domains: bool = False  # full-all: candidates from every domain, not only the target's
+    n_negatives: int = 0  # sampled-K: K
+
+    @property
+    def sampled(self) -> bool:
+        return self.kind == "sampled"
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    Protocol("full", "full"),
+    Protocol("full-all", "full", all_domains=True),
+    Protocol("sampled-999", "sampled", n_negatives=999),
+    Protocol("sampled-100", "sampled", n_negatives=100),
+)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocols: list[str] = field(default_factory=lambda: ["full", "sampled-999"])
+    # full / full-all only: drop every item of the user's whole history before the target
+    # (not just the model's max_len window) from the candidates, except the target itself
+    exclude_history: bool = False
+    batch_size: int = 512
+    max_len: int = 50
+    ks: tuple[int, ...] = KS
+    # upper edges of the history-length buckets: (5, 10, 20, 50) -> 1-5, 6-10, 11-20, 21-50, 51+
+    buckets: tuple[int, ...] = (5, 10, 20, 50)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown}; known: {sorted(PROTOCOLS)}")
+        if list(self.buckets) != sorted(set(self.buckets)) or (self.buckets and self.buckets[0] < 1):
+            raise ValueError(f"buckets must be strictly increasing positive edges, got {self.buckets}")
+        if self.batch_size < 1 or self.max_len < 1:
+            raise ValueError("batch_size and max_len must be >= 1")
+
+
+@dataclass
+class RankResult:
+    """One row per evaluated target (all [N], long, on the CPU)."""
+
+    ranks: Tensor  # 1-based rank of the target
+    n_candidates: Tensor  # candidates including the target
+    domain: Tensor  # target domain index
+    hist_len: Tensor  # events before the target (the whole history, not the model's window)
+    user_idx: Tensor
+    protocol: str
+
+    def __len__(self) -> int:
+        return int(self.ranks.numel())
+
+    @classmethod
+    def cat(cls, results: list["RankResult"]) -> "RankResult":
+        return cat(results)
+
+
+def cat(results: list[RankResult]) -> RankResult:
+    """Concatenate results of the same protocol (e.g. shards of one split)."""
+    if not results:
+        raise ValueError("nothing to concatenate")
+    protos = {r.protocol for r in results}
+    if len(protos) != 1:
+        raise ValueError(f"cannot concatenate results of different protocols {sorted(protos)}")
+    return RankResult(*(torch.cat([getattr(r, f) for r in results]) for f in
+                        ("ranks", "n_candidates", "domain", "hist_len", "user_idx")), protocol=protos.pop())
+
+
+def _history_pairs(data: SplitData, user: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) for every event before each row's target: user u's events
+    ``items[offsets[u] : offsets[u] + pos]``, flattened as a ragged range without a loop."""
+    lens = pos.astype(np.int64)
+    rows = np.repeat(np.arange(len(user)), lens)
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    return rows, data.items[np.repeat(data.offsets[user], lens) + within]
+
+
+def _check_negatives(data: SplitData, ds: EvalDataset, k: int, name: str) -> None:
+    """Refuse a sampled protocol whose stored draw is smaller than K (e.g. the split was built
+    with only ``sampled-100``): ``EvalDataset`` would silently use fewer negatives. A row may
+    legitimately hold fewer than K when its domain is small; the user's own items are excluded,
+    so at least ``domain size - #events of the user`` negatives exist."""
+    dom = data.domains[data.offsets[ds.user] + ds.pos]
+    size = data.domain_ranges[dom, 1] - data.domain_ranges[dom, 0] + 1
+    need = np.clip(np.minimum(k, size - np.diff(data.offsets)[ds.user]), 0, None)
+    short = ds.neg_count < need
+    if short.any():
+        raise ValueError(f"{name}: {int(short.sum())} rows have fewer stored negatives than the domain allows "
+                         f"(e.g. {int(ds.neg_count[short][0])} < {int(need[short][0])}); the split holds a smaller "
+                         f"draw than {k}: rebuild it with '{name}: {k}' under split.negatives")
+
+
+def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, cfg: EvalConfig,
+                 device: str | torch.device = "cpu") -> RankResult:
+    """Rank every ``split`` target of ``data`` under ``protocol``.
+
+    full / full-all: ``model.score(batch, None)`` -> [B, n_items + 1]; candidates are the items
+    of the row's target domain (all items 1..n_items for full-all), minus the history items
+    when ``cfg.exclude_history`` (the target stays a candidate even if it was seen before).
+    sampled-K: candidates = [target, K stored negatives] -> ``model.score(batch, candidates)``
+    -> [B, 1 + K]; padded negatives (short domains) are ignored.
+    The model runs in eval mode under ``torch.no_grad`` and its training flag is restored.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}")
+    proto = PROTOCOLS[protocol]
+    device = torch.device(device)
+    ds = EvalDataset(data, split, cfg.max_len, n_negatives=proto.n_negatives)
+    v1 = data.n_items + 1
+    if proto.sampled:
+        _check_negatives(data, ds, proto.n_negatives, protocol)
+        bs = cfg.batch_size
+    else:
+        bs = max(1, min(cfg.batch_size, MAX_SCORE_CELLS // v1))
+        lo_of = torch.as_tensor(data.domain_ranges[:, 0], device=device)
+        hi_of = torch.as_tensor(data.domain_ranges[:, 1], device=device)
+        ids = torch.arange(v1, device=device)[None, :]
+
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[Tensor]] = {k: [] for k in ("ranks", "n_candidates", "domain", "hist_len", "user_idx")}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ds), bs):
+                idx = np.arange(start, min(start + bs, len(ds)))
+                batch = {k: v.to(device) for k, v in ds[idx].items()}
+                target, tdom = batch["target"], batch["target_domain"]
+                b = len(idx)
+                if proto.sampled:
+                    cands = torch.cat([target[:, None], batch["negatives"]], 1)
+                    scores = model.score(batch, cands)
+                    if tuple(scores.shape) != tuple(cands.shape):
+                        raise ValueError(f"{type(model).__name__}.score returned {tuple(scores.shape)} for "
+                                         f"candidates {tuple(cands.shape)}")
+                    ranks = ranks_sampled(scores, batch["n_negatives"])
+                    n_cand = 1 + batch["n_negatives"]
+                else:
+                    scores = model.score(batch, None)
+                    if tuple(scores.shape) != (b, v1):
+                        raise ValueError(f"{type(model).__name__}.score(batch, None) returned {tuple(scores.shape)}, "
+                                         f"expected {(b, v1)} (column = item id, 0 = padding)")
+                    if proto.all_domains:
+                        allowed = (ids >= 1).expand(b, v1).clone()
+                        n_cand = torch.full((b,), data.n_items, device=device)
+                    else:
+                        lo, hi = lo_of[tdom][:, None], hi_of[tdom][:, None]
+                        allowed = (ids >= lo) & (ids <= hi)
+                        n_cand = (hi - lo + 1)[:, 0]
+                    if cfg.exclude_history:
+                        rows, items = _history_pairs(data, ds.user[idx], ds.pos[idx])
+                        allowed[torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)] = False
+                        allowed[torch.arange(b, device=device), target] = True
+                        n_cand = allowed.sum(1, dtype=torch.int32)
+                    ranks = ranks_full(scores, target, allowed)
+                out["ranks"].append(ranks.cpu())
+                out["n_candidates"].append(n_cand.long().cpu())
+                out["domain"].append(tdom.cpu())
+                out["hist_len"].append(torch.from_numpy(ds.pos[idx]))
+                out["user_idx"].append(batch["user_idx"].cpu())
+    finally:
+        model.train(was_training)
+    return RankResult(**{k: torch.cat(v).long() for k, v in out.items()}, protocol=protocol)
+
+
+def bucket_labels(edges: tuple[int, ...]) -> list[str]:
+    """(5, 10, 20, 50) -> ["1-5", "6-10", "11-20", "21-50", "51+"]."""
+    lows = [1] + [e + 1 for e in edges]
+    return [f"{lo}-{hi}" for lo, hi in zip(lows, edges)] + [f"{lows[-1]}+"]
+
+
+def summarise(res: RankResult, domain_names: list[str], cfg: EvalConfig) -> dict:
+    """{"protocol", "overall", "domains": {name: metrics}, "buckets": {label: metrics}}.
+
+    AUC only for sampled protocols. Domains and buckets without targets are left out. A row
+    with an empty history (not produced by leave-one-out) falls in an extra bucket "0".
+    """
+    auc = PROTOCOLS[res.protocol].sampled
+
+    def m(sel: Tensor | None = None) -> dict[str, float]:
+        if sel is None:
+            return metrics_from_ranks(res.ranks, res.n_candidates, cfg.ks, auc)
+        return metrics_from_ranks(res.ranks[sel], res.n_candidates[sel], cfg.ks, auc)
+
+    domains = {}
+    for d, name in enumerate(domain_names):
+        sel = res.domain == d
+        if bool(sel.any()):
+            domains[name] = m(sel)
+    # bucketize(right=False): index i such that edges[i-1] < h <= edges[i]
+    which = torch.bucketize(res.hist_len, torch.tensor(cfg.buckets, dtype=res.hist_len.dtype))
+    buckets = {}
+    if bool((res.hist_len < 1).any()):
+        buckets["0"] = m(res.hist_len < 1)
+    for i, label in enumerate(bucket_labels(cfg.buckets)):
+        sel = (which == i) & (res.hist_len >= 1)
+        if bool(sel.any()):
+            buckets[label] = m(sel)
+    return {"protocol": res.protocol, "overall": m(), "domains": domains, "buckets": buckets}
+
+
+def evaluate(model: nn.Module, data: SplitData, split: str, cfg: EvalConfig,
+             device: str | torch.device = "cpu") -> dict[str, dict]:
+    """protocol name -> :func:`summarise` of :func:`rank_targets`, for every ``cfg.protocols``."""
+    return {p: summarise(rank_targets(model, data, split, p, cfg, device), data.domain_names, cfg)
+            for p in cfg.protocols}

@@ -1,0 +1,76 @@
+"""The one model interface every method implements (ARCHITECTURE.md, "The model interface").
+
+A model is an ``nn.Module`` built from its config dataclass and the dataset's :class:`Vocab`:
+
+- ``loss(batch) -> dict[str, Tensor]`` with at least ``"loss"`` (a scalar to minimise) and any
+  named auxiliary terms (logged separately);
+- ``score(batch, candidates=None) -> Tensor[B, C]``: scores for the next position of each
+  history. ``candidates`` is a ``[B, C]`` LongTensor of item ids (sampled protocols); ``None``
+  means every item: the result is then ``[B, n_items + 1]`` (column = item id, column 0 is
+  padding) and the evaluation keeps the columns of the target domain (or all, ``full-all``).
+- optional ``aux_objectives(batch) -> dict[str, Tensor]`` for strategies that need several
+  losses kept apart (AutoCDSR's Pareto step).
+
+Batches come from ``cdsr.data.loaders``: ``items, domains, timestamps, mask [B, L]`` (right
+aligned, 0 = padding), ``target_domain [B]`` (the requested domain: known at serving time), and
+in training ``targets, target_domains [B, L]``. A model must never let position i see an item at
+i+1 or later; only the *domain* of i+1 (the requested domain) may be used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a model needs to know about the dataset: item ids are contiguous per domain."""
+
+    n_items: int  # largest item id (ids are 1..n_items; 0 = padding)
+    domain_ranges: tuple[tuple[int, int], ...]  # (first, last) item id of each domain
+    domain_names: tuple[str, ...] = ()
+
+    @property
+    def n_domains(self) -> int:
+        return len(self.domain_ranges)
+
+    @classmethod
+    def from_ranges(cls, ranges: np.ndarray, names: list[str] | tuple[str, ...] = ()) -> "Vocab":
+        return cls(int(ranges[:, 1].max()), tuple((int(a), int(b)) for a, b in ranges), tuple(names))
+
+    def item_domain(self) -> torch.Tensor:
+        """[n_items + 1] domain of each item id (padding gets domain 0)."""
+        out = torch.zeros(self.n_items + 1, dtype=torch.long)
+        for d, (lo, hi) in enumerate(self.domain_ranges):
+            out[lo : hi + 1] = d
+        return out
+
+    def domain_mask(self, domains: torch.Tensor) -> torch.Tensor:
+        """[B, n_items + 1] True where item id belongs to ``domains[b]`` (never padding)."""
+        lo = torch.tensor([r[0] for r in self.domain_ranges], device=domains.device)[domains]
+        hi = torch.tensor([r[1] for r in self.domain_ranges], device=domains.device)[domains]
+        ids = torch.arange(self.n_items + 1, device=domains.device)[None, :]
+        return (ids >= lo[:, None]) & (ids <= hi[:, None])
+
+
+class SeqRecModel(nn.Module):
+    """Base class: subclasses implement ``loss`` and ``score``."""
+
+    def __init__(self, vocab: Vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.register_buffer("_item_domain", vocab.item_domain(), persistent=False)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def domain_items_mask(self, domains: torch.Tensor) -> torch.Tensor:
+        """[..., n_items + 1] True for the items of each entry's domain (``domains`` any shape)."""
+        return self._item_domain == domains.unsqueeze(-1)

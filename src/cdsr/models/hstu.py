@@ -1,0 +1,218 @@
+"""HSTU (Zhai et al. 2024, "Actions Speak Louder than Words: Trillion-Parameter Sequential
+Transducers for Generative Recommendations", Sec. 3; reference code: meta-recsys/
+generative-recommenders, ``research/modeling/sequential/hstu.py``).
+
+Input: x = e_item * sqrt(d) + e_pos (+ e_dom of each event, merged variant), dropout.
+Per layer (Sec. 3, Eq. 1-3), with n = LayerNorm(x) (no affine):
+    U, V, Q, K = split(SiLU(n W1))                                   (Eq. 1)
+    A = SiLU(Q K^T + rab^{p,t}) / N, causal and valid keys only        (Eq. 2, Sec. 3.1)
+    x = x + W_o(dropout(U * LayerNorm(A V)))                           (Eq. 3; no FFN)
+Output h_i = LayerNorm(x)_i. Loss (METHODS.md): sampled softmax over L2-normalised query and
+item vectors, temperature 0.05, R uniform negatives drawn from the target's domain.
+
+NOTE (our choices, METHODS.md leaves them open):
+- positions count valid events from the oldest one in the window (0 = oldest), so more left
+  padding changes nothing, and training position i sees the same positions as an inference
+  history of i+1 events (the reference is left-aligned, which gives the same numbering);
+- rab is shared by all heads (one scalar per bucket), as in the reference implementation;
+- the query side adds a learned *requested-domain* embedding (target_domains[:, i] in training,
+  target_domain at inference) to h_i before scoring: the loss ranks within that domain, so the
+  query must know which domain is asked for (allowed: the domain of i+1 is known at serving);
+- the query time of position i is t_{i+1} (HSTU's convention). Training batches carry no
+  timestamp for the last position's target: it falls back to its own timestamp (as the
+  reference does), unless the batch has ``target_timestamps [B, L]`` or ``target_timestamp [B]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdsr.models.base import SeqRecModel, Vocab
+
+N_TIME_BUCKETS = 128  # buckets 0..128 (129 weights), bucket = clamp(floor(ln(max(dt,1)) / 0.301))
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    d: int = 64
+    layers: int = 2
+    heads: int = 2
+    d_qk: int = 32
+    d_v: int = 32
+    dropout: float = 0.2
+    max_len: int = 50
+    n_negatives: int = 128
+    temperature: float = 0.05
+    use_domain_emb: bool = True  # merged variant; the single-domain variant turns it off
+    time_bias: bool = True
+    rel_pos_bias: bool = True
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor | None,
+                   mask: torch.Tensor, norm: float) -> torch.Tensor:
+    """Dense pointwise aggregated attention (Sec. 3.1, Eq. 2): no softmax.
+
+    q, k [B, h, L, d_qk]; v [B, h, L, d_v]; rab [B or 1, 1 or h, L, L] or None; mask [B, L, L]
+    bool (True = query i may use key j); norm: the constant N of "/ N".
+    Returns A V with heads concatenated: [B, L, h * d_v]. Swappable for a block-sparse version.
+    """
+    s = q @ k.transpose(-1, -2)  # [B, h, L, L]
+    if rab is not None:
+        s = s + rab
+    a = F.silu(s) * (mask.unsqueeze(1).to(s.dtype) / norm)
+    B, h, L, dv = v.shape
+    return (a @ v).transpose(1, 2).reshape(B, L, h * dv)
+
+
+def time_buckets(query_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[B, L, L] bucket of |query_t_i - t_j| = clamp(floor(ln(max(dt, 1)) / 0.301), 0, 128)."""
+    dt = (query_t.unsqueeze(2) - t.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
+    return (torch.log(dt) / 0.301).floor().clamp(0, N_TIME_BUCKETS).long()
+
+
+def sample_domain_negatives(domains: torch.Tensor, lo: torch.Tensor, size: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n] uniform item ids of each entry's domain: lo + floor(rand * size) (global RNG).
+
+    domains [...] long; lo, size [D] first item id / number of items of each domain.
+    """
+    lo_, size_ = lo[domains].unsqueeze(-1), size[domains].unsqueeze(-1)
+    u = torch.rand(*domains.shape, n, device=domains.device)
+    return lo_ + torch.minimum((u * size_).long(), size_ - 1)  # min: guards float rounding to 1
+
+
+class RelativeBias(nn.Module):
+    """rab^{p,t} (Sec. 3, Eq. 2): learned bias over i - j (2N-1 buckets) + over log-bucketed
+    |t_{i+1} - t_j|; one scalar per bucket shared by all heads. Returns [B or 1, 1, L, L] or None."""
+
+    def __init__(self, max_len: int, rel_pos: bool, time: bool):
+        super().__init__()
+        self.N = max_len
+        b = math.sqrt(1.0 / max_len)  # the reference's uniform init
+        self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1).uniform_(-b, b)) if rel_pos else None
+        self.ts_w = nn.Parameter(torch.empty(N_TIME_BUCKETS + 1).uniform_(-b, b)) if time else None
+
+    def forward(self, t: torch.Tensor, query_t: torch.Tensor) -> torch.Tensor | None:
+        L = t.shape[1]
+        out = None
+        if self.pos_w is not None:
+            r = torch.arange(L, device=t.device)
+            out = self.pos_w[r[:, None] - r[None, :] + self.N - 1][None]  # [1, L, L]
+        if self.ts_w is not None:
+            tb = self.ts_w[time_buckets(query_t, t)]  # [B, L, L]
+            out = tb if out is None else out + tb
+        return None if out is None else out.unsqueeze(1)
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer (Sec. 3, Eq. 1-3): x [B, L, d] -> x [B, L, d]."""
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.h, self.dqk, self.dv = cfg.heads, cfg.d_qk, cfg.d_v
+        self.uvqk = nn.Linear(cfg.d, 2 * cfg.heads * (cfg.d_v + cfg.d_qk))
+        self.o = nn.Linear(cfg.heads * cfg.d_v, cfg.d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.attention = hstu_attention  # swap point (intra-domain / block-sparse variants)
+
+    def forward(self, x: torch.Tensor, rab: torch.Tensor | None, mask: torch.Tensor, norm: float) -> torch.Tensor:
+        B, L, d = x.shape
+        hv, hq = self.h * self.dv, self.h * self.dqk
+        u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (d,)))).split([hv, hv, hq, hq], dim=-1)
+        heads = lambda z, e: z.reshape(B, L, self.h, e).transpose(1, 2)  # noqa: E731
+        av = self.attention(heads(q, self.dqk), heads(k, self.dqk), heads(v, self.dv), rab, mask, norm)
+        y = u * F.layer_norm(av, (hv,))  # LayerNorm over the concatenated heads, no affine
+        return x + self.o(self.drop(y))
+
+
+class HSTU(SeqRecModel):
+    def __init__(self, cfg: HSTUConfig, vocab: Vocab):
+        super().__init__(vocab)
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(vocab.n_items + 1, cfg.d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
+        self.req_emb = nn.Embedding(vocab.n_domains, cfg.d)  # NOTE: requested-domain query embedding
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rab = RelativeBias(cfg.max_len, cfg.rel_pos_bias, cfg.time_bias)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.layers))
+        self.out_ln = nn.LayerNorm(cfg.d)
+        r = torch.tensor(vocab.domain_ranges, dtype=torch.long)
+        self.register_buffer("dom_lo", r[:, 0].clone(), persistent=False)
+        self.register_buffer("dom_size", r[:, 1] - r[:, 0] + 1, persistent=False)
+        for emb in (self.item_emb, self.pos_emb, self.req_emb) + ((self.dom_emb,) if self.dom_emb is not None else ()):
+            nn.init.normal_(emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    @staticmethod
+    def query_times(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L] the query time t_{i+1} of each position (see the module NOTE)."""
+        ts = batch["timestamps"]
+        if "target_timestamps" in batch:
+            return batch["target_timestamps"].to(ts)
+        last = batch.get("target_timestamp", ts[:, -1]).reshape(-1, 1).to(ts)
+        return torch.cat([ts[:, 1:], last], dim=1)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """h [B, L, d]: the output of every position (position i sees events <= i only, plus the
+        timestamp t_{i+1} through the time bias)."""
+        items, valid = batch["items"], batch["mask"].bool()
+        B, L = items.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # NOTE: 0 = oldest valid event
+        x = self.item_emb(items) * math.sqrt(self.cfg.d) + self.pos_emb(pos)
+        if self.dom_emb is not None:
+            x = x + self.dom_emb(batch["domains"])
+        x = self.drop(x) * valid.unsqueeze(-1)
+        causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
+        mask = causal[None] & valid[:, None, :]  # [B, L, L]: j <= i and j valid
+        rab = self.rab(batch["timestamps"], self.query_times(batch))
+        for layer in self.layers:
+            x = layer(x, rab, mask, float(self.cfg.max_len))
+        return self.out_ln(x)
+
+    def query(self, h: torch.Tensor, req_domains: torch.Tensor) -> torch.Tensor:
+        """[..., d] L2-normalised query: h + e_req(requested domain) (NOTE: our addition)."""
+        return F.normalize(h + self.req_emb(req_domains), dim=-1)
+
+    def item_vectors(self) -> torch.Tensor:
+        """[n_items + 1, d] L2-normalised item embeddings."""
+        return F.normalize(self.item_emb.weight, dim=-1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sampled softmax: each valid position ranks its target against R uniform negatives of
+        the target's domain (negatives equal to the target are masked); mean over positions."""
+        h = self.encode(batch)
+        targets = batch["targets"]
+        keep = batch["mask"].bool() & (targets > 0)
+        if not keep.any():
+            return {"loss": h.sum() * 0.0}
+        pos, dom = targets[keep], batch["target_domains"][keep]  # [P]
+        q = self.query(h[keep], dom)  # [P, d]
+        neg = sample_domain_negatives(dom, self.dom_lo, self.dom_size, self.cfg.n_negatives)  # [P, R]
+        E = self.item_vectors()
+        pos_logit = (q * F.embedding(pos, E)).sum(-1, keepdim=True)  # [P, 1]
+        # F.embedding, not E[neg]: its backward is cheaper than index_put on CPU
+        neg_logit = torch.bmm(F.embedding(neg, E), q.unsqueeze(-1)).squeeze(-1)  # [P, R]
+        neg_logit = neg_logit.masked_fill(neg == pos.unsqueeze(-1), float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], dim=-1) / self.cfg.temperature
+        zeros = torch.zeros(len(pos), dtype=torch.long, device=logits.device)
+        return {"loss": F.cross_entropy(logits, zeros)}
+
+    def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine(query of the last position, item) / temperature: [B, n_items + 1] (column 0 =
+        padding = -inf) or [B, C] for ``candidates`` (id 0 = padding = -inf)."""
+        q = self.query(self.encode(batch)[:, -1], batch["target_domain"])  # [B, d]
+        E = self.item_vectors()
+        if candidates is None:
+            s = q @ E.T / self.cfg.temperature
+            s[:, 0] = float("-inf")
+            return s
+        s = torch.einsum("bd,bcd->bc", q, E[candidates]) / self.cfg.temperature
+        return s.masked_fill(candidates == 0, float("-inf"))

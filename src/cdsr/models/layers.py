@@ -1,0 +1,100 @@
+"""Shared transformer pieces: pre-LN blocks with a fused attention path (SDPA) and an explicit
+path that also returns the attention probabilities (needed by AutoCDSR's cross-domain
+attention mass, computed inside the forward pass)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, 1, L, L] boolean mask (True = may attend) over valid keys; causal: key j <= query i.
+
+    The diagonal is always allowed so a padding query never has an empty row (its output is
+    never used, but an empty row would give NaN through softmax).
+    """
+    L = valid.shape[1]
+    allowed = valid[:, None, None, :].expand(-1, 1, L, L)
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    return allowed | torch.eye(L, dtype=torch.bool, device=valid.device)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"d={d} is not divisible by heads={heads}")
+        self.h, self.dk, self.p = heads, d // heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+        """x [B, L, d], mask [B, 1, L, L] -> (y [B, L, d], probs [B, h, L, L] or None)."""
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
+        if not need_probs:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+            probs = None
+        else:
+            s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dk)
+            probs = s.masked_fill(~mask, float("-inf")).softmax(-1)  # after softmax, before dropout
+            y = F.dropout(probs, self.p, self.training) @ v
+        return self.out(y.transpose(1, 2).reshape(B, L, d)), probs
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Drop(MHA(LN(x))), then x + Drop(FFN(LN(x)))."""
+
+    def __init__(self, d: int, heads: int, dropout: float, ffn_mult: int = 4):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = MultiHeadAttention(d, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+        a, probs = self.attn(self.ln1(x), mask, need_probs)
+        x = x + self.drop(a)
+        return x + self.drop(self.ffn(self.ln2(x))), probs
+
+
+class Encoder(nn.Module):
+    """A stack of blocks with a final LayerNorm. Returns (h [B, L, d], per-layer probs)."""
+
+    def __init__(self, d: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+        probs = []
+        for blk in self.blocks:
+            x, p = blk(x, mask, need_probs)
+            probs.append(p)
+        return self.ln(x), probs
+
+
+def domain_softmax_loss(h: torch.Tensor, targets: torch.Tensor, target_domains: torch.Tensor,
+                        item_emb: torch.Tensor, domain_ranges: tuple[tuple[int, int], ...],
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Full softmax cross-entropy of each target against the items of its own domain.
+
+    h [N, d] query vectors, targets / target_domains [N]; item_emb [n_items + 1, d]. Domain d's
+    items are the contiguous slice [lo_d, hi_d], so each group of positions is scored against
+    its slice only (N x V_d instead of N x V). Mean over the N positions.
+    """
+    total = h.new_zeros(())
+    for d, (lo, hi) in enumerate(domain_ranges):
+        sel = target_domains == d
+        if not bool(sel.any()):
+            continue
+        logits = h[sel] @ item_emb[lo : hi + 1].T
+        if bias is not None:
+            logits = logits + bias[lo : hi + 1]
+        total = total + F.cross_entropy(logits, targets[sel] - lo, reduction="sum")
+    return total / max(int(targets.numel()), 1)

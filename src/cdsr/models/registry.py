@@ -1,0 +1,53 @@
+"""The explicit model registry: name -> (model class, config class, variants, description)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cdsr.config import from_dict
+from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.bert4rec import BERT4Rec, BERT4RecConfig
+from cdsr.models.hstu import HSTU, HSTUConfig
+from cdsr.models.sasrec import SASRec, SASRecConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    cls: type[SeqRecModel]
+    config: type
+    variants: tuple[str, ...]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "sasrec": ModelSpec(SASRec, SASRecConfig, ("merged", "single"),
+                        "SASRec (Kang & McAuley 2018): causal self-attention, softmax over the target domain"),
+    "bert4rec": ModelSpec(BERT4Rec, BERT4RecConfig, ("merged", "single"),
+                          "BERT4Rec (Sun et al. 2019): bidirectional Cloze training, [MASK] scoring"),
+    "hstu": ModelSpec(HSTU, HSTUConfig, ("merged", "single"),
+                      "HSTU (Zhai et al. 2024): pointwise SiLU attention, rel. position + time bias, sampled softmax"),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise KeyError(f"unknown model '{name}'; registered: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def model_config(name: str, section: dict[str, Any] | None, variant: str) -> Any:
+    """The model's config dataclass from its params.yaml section; the single-domain variant has
+    no domain embedding (it only ever sees one domain)."""
+    spec = get_spec(name)
+    if variant not in spec.variants:
+        raise ValueError(f"model '{name}' has variants {list(spec.variants)}, not '{variant}'")
+    cfg = from_dict(spec.config, section or {}, f"models.{name}")
+    if variant == "single" and "use_domain_emb" in {f.name for f in dataclasses.fields(cfg)}:
+        cfg = dataclasses.replace(cfg, use_domain_emb=False)
+    return cfg
+
+
+def build_model(name: str, cfg: Any, vocab: Vocab) -> SeqRecModel:
+    return get_spec(name).cls(cfg, vocab)

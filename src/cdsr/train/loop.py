@@ -1,0 +1,215 @@
+"""The one training loop every model and method uses.
+
+- Early stopping on a validation metric (default NDCG@10 under the ``full`` protocol).
+- Checkpoint + resume: ``last.pt`` holds model, optimiser, epoch, step inside the epoch and
+  the RNG states; the batch order of epoch e is a pure function of (seed, e), so a run killed
+  mid-epoch and resumed replays exactly the batches and random draws it would have made.
+  ``best.pt`` holds the best model. Checkpoints load with ``weights_only=True``.
+- Gradient clipping, AMP (bf16 autocast) on CUDA, cuda / mps / cpu device selection.
+- A progress bar with loss and throughput.
+- A pluggable optimisation strategy: ``Strategy.step`` turns a batch into a parameter update
+  (AutoCDSR's Pareto step plugs in here rather than copying the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+from tqdm import tqdm
+
+from cdsr.data.loaders import SplitData, TrainDataset
+from cdsr.evaluate.protocols import EvalConfig, rank_targets, summarise
+from cdsr.models.base import SeqRecModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0  # max global grad norm; 0 disables
+    patience: int = 10  # epochs without a validation improvement before stopping
+    min_delta: float = 0.0
+    val_metric: str = "NDCG@10"
+    val_protocol: str = "full"
+    eval_every: int = 1
+    checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
+    strategy: str = "standard"
+    amp: bool = True  # bf16 autocast on CUDA only
+    device: str = "auto"
+    progress: bool = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Strategy(Protocol):
+    def step(self, model: SeqRecModel, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+             cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+        ...
+
+
+class StandardStrategy:
+    """Minimise ``model.loss(batch)["loss"]``; other returned terms are logged only."""
+
+    def step(self, model, batch, optimizer, cfg, autocast):
+        with autocast():
+            out = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        return {k: float(v.detach()) for k, v in out.items()}
+
+
+STRATEGIES: dict[str, Callable[[], Strategy]] = {"standard": StandardStrategy}
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by an ``on_step`` callback to stop a run (the last checkpoint stays valid)."""
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    stopped_early: bool
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return list(BatchSampler(RandomSampler(range(n), generator=g), batch_size, drop_last=False))
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # atomic: a kill never leaves a half-written checkpoint
+
+
+def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_dir: Path,
+        eval_cfg: EvalConfig | None = None, strategy: Strategy | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None,
+        on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model`` on ``data``'s training prefixes, early-stopping on validation.
+
+    Resumes from ``run_dir/last.pt`` when it exists. ``on_epoch(epoch, val_metrics)`` may
+    raise (e.g. optuna.TrialPruned) to stop; ``on_step(global_step)`` is called after each step.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    model.to(device)
+    eval_cfg = eval_cfg or EvalConfig(protocols=[cfg.val_protocol])
+    strategy = strategy or STRATEGIES[cfg.strategy]()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+
+    ds = TrainDataset(data, eval_cfg.max_len)
+    if len(ds) == 0:
+        raise ValueError("no user has a training prefix of >= 2 events")
+    state = {"epoch": 0, "step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [],
+             "train_seconds": 0.0}
+    last = run_dir / "last.pt"
+    if last.exists():
+        ck = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        state = ck["state"]
+        log.info("resumed from %s at epoch %d step %d", last, state["epoch"], state["step"])
+
+    def checkpoint() -> None:
+        ck = {"model": model.state_dict(), "optim": opt.state_dict(), "rng_cpu": torch.get_rng_state(), "state": state}
+        if device.type == "cuda":
+            ck["rng_cuda"] = torch.cuda.get_rng_state()
+        _save(last, ck)
+
+    stopped = False
+    global_step = sum(len(_batch_order(len(ds), cfg.batch_size, seed, e)) for e in range(state["epoch"])) + state["step"]
+    while state["epoch"] < cfg.epochs and not stopped:
+        epoch = state["epoch"]
+        order = _batch_order(len(ds), cfg.batch_size, seed, epoch)
+        model.train()
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        bar = tqdm(order[state["step"]:], desc=f"epoch {epoch}", leave=False,
+                   disable=not (cfg.progress and sys.stderr.isatty()))  # no \r spam in logs
+        for idx in bar:
+            batch = to_device(ds[idx], device)
+            stats = strategy.step(model, batch, opt, cfg, autocast)
+            state["step"] += 1
+            global_step += 1
+            seen += len(idx)
+            loss_sum += stats["loss"]
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", seq_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
+            if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < len(order):
+                state["train_seconds"] += time.time() - t0
+                t0 = time.time()
+                checkpoint()
+            if on_step is not None:
+                on_step(global_step)
+        state["train_seconds"] += time.time() - t0
+        record = {"epoch": epoch, "loss": loss_sum / max(len(order) - 0, 1), "seq_per_s": seen / max(time.time() - t0, 1e-9)}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            val = summarise(rank_targets(model, data, "valid", cfg.val_protocol, eval_cfg, device),
+                            data.domain_names, eval_cfg)["overall"]
+            metric = val[cfg.val_metric]
+            record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            if metric > state["best_metric"] + cfg.min_delta:
+                state.update(best_metric=metric, best_epoch=epoch, bad_epochs=0)
+                _save(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "metric": metric})
+            else:
+                state["bad_epochs"] += 1
+            stopped = state["bad_epochs"] >= cfg.patience
+            log.info("epoch %d loss %.4f val %s %.4f (best %.4f @ %d)", epoch, record["loss"], cfg.val_metric,
+                     metric, state["best_metric"], state["best_epoch"])
+        state["history"].append(record)
+        state["epoch"], state["step"] = epoch + 1, 0
+        checkpoint()
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+    (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+    return FitResult(best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],
+                     stopped_early=stopped, train_seconds=state["train_seconds"], history=state["history"])
+
+
+def load_best(model: SeqRecModel, run_dir: Path) -> SeqRecModel:
+    ck = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    return model
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,148 @@
+"""A training run of one (dataset, model, variant, seed): what `cdsr train` and the flows call.
+
+``merged``: one model on the merged multi-domain sequences. ``single``: one independent model
+per domain, each trained, early-stopped and evaluated on its domain's subsequences only; their
+test ranks are pooled, so both variants are scored on exactly the same targets.
+
+Writes into the run directory: ``config.json`` (resolved configs), ``metrics.json``
+(``{"dataset", "model", "variant", "protocols": {P: {"overall", "domains", "buckets"}}, ...}``),
+``history.json`` and ``best.pt`` / ``last.pt`` (per domain under ``domain-<name>/`` for single).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from cdsr.config import ConfigError, from_dict
+from cdsr.data.loaders import SplitData
+from cdsr.evaluate.protocols import EvalConfig, RankResult, cat, rank_targets, summarise
+from cdsr.models.base import Vocab
+from cdsr.models.registry import build_model, model_config
+from cdsr.train.loop import TrainConfig, fit, load_best, pick_device
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_overrides(params: dict[str, Any], model: str, sets: list[str]) -> dict[str, Any]:
+    """``section.key=value`` overrides (value parsed as YAML); ``model.x`` means ``models.<model>.x``."""
+    out = copy.deepcopy(params)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        if path[0] == "model":
+            path = ["models", model] + path[1:]
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def resolve(params: dict[str, Any], model: str, variant: str, epochs: int | None = None):
+    train = from_dict(TrainConfig, params.get("train"), "train")
+    if epochs is not None:
+        train = dataclasses.replace(train, epochs=epochs)
+    ev = from_dict(EvalConfig, params.get("evaluate"), "evaluate")
+    mcfg = model_config(model, (params.get("models") or {}).get(model), variant)
+    if getattr(mcfg, "max_len", ev.max_len) != ev.max_len:
+        ev = dataclasses.replace(ev, max_len=mcfg.max_len)
+    return train, ev, mcfg
+
+
+def load_split(dataset: str, data_root: str | Path = "data") -> SplitData:
+    processed = Path(data_root) / dataset / "processed"
+    if not (processed / "split.parquet").exists():
+        raise FileNotFoundError(f"{processed} has no built split: run `cdsr data build --dataset {dataset}` first")
+    return SplitData.load(processed)
+
+
+def _parts(data: SplitData, variant: str) -> list[tuple[str | None, SplitData]]:
+    if variant == "merged":
+        return [(None, data)]
+    return [(name, data.restrict_to_domain(d)) for d, name in enumerate(data.domain_names)]
+
+
+def hardware() -> dict[str, Any]:
+    dev = pick_device("auto")
+    info = {"device": dev.type, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
+              epochs: int | None = None, data_root: str | Path = "data",
+              on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train, early-stop on validation, evaluate the best checkpoint on test; return metrics."""
+    train_cfg, eval_cfg, mcfg = resolve(params, model, variant, epochs)
+    data = load_split(dataset, data_root)
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"dataset": dataset, "model": model, "variant": variant, "seed": seed, "data_root": str(data_root),
+              "train": dataclasses.asdict(train_cfg), "evaluate": dataclasses.asdict(eval_cfg),
+              "model_config": dataclasses.asdict(mcfg)}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    device = pick_device(train_cfg.device)
+    ranks: dict[str, list[RankResult]] = {p: [] for p in eval_cfg.protocols}
+    valid: list[RankResult] = []
+    fits = {}
+    t0 = time.time()
+    for name, view in _parts(data, variant):
+        sub = out_dir if name is None else out_dir / f"domain-{name}"
+        set_seed(seed)
+        net = build_model(model, mcfg, vocab)
+        res = fit(net, view, train_cfg, seed, sub, eval_cfg, on_epoch=on_epoch)
+        load_best(net, sub).to(device)
+        valid.append(rank_targets(net, view, "valid", train_cfg.val_protocol, eval_cfg, device))
+        for p in eval_cfg.protocols:
+            ranks[p].append(rank_targets(net, view, "test", p, eval_cfg, device))
+        fits[name or "merged"] = {"best_epoch": res.best_epoch, "best_val": res.best_metric, "epochs_run": res.epochs_run,
+                                  "stopped_early": res.stopped_early, "train_seconds": round(res.train_seconds, 2)}
+    metrics = {
+        "dataset": dataset, "model": model, "variant": variant, "seed": seed,
+        "protocols": {p: summarise(cat(r), data.domain_names, eval_cfg) for p, r in ranks.items()},
+        "validation": summarise(cat(valid), data.domain_names, eval_cfg),
+        "fit": fits, "parameters": sum(p.numel() for p in net.parameters()),
+        "seconds": round(time.time() - t0, 2), "hardware": hardware(),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclude_history: bool | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's best checkpoint(s) under the given protocols."""
+    config = json.loads((run_dir / "config.json").read_text())
+    data = load_split(config["dataset"], config["data_root"])
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
+    ev = dataclasses.replace(ev, protocols=list(protocols),
+                             exclude_history=ev.exclude_history if exclude_history is None else exclude_history)
+    mcfg = model_config(config["model"], config["model_config"], config["variant"])
+    device = pick_device(config["train"]["device"])
+    ranks: dict[str, list[RankResult]] = {p: [] for p in protocols}
+    for name, view in _parts(data, config["variant"]):
+        net = load_best(build_model(config["model"], mcfg, vocab), run_dir if name is None else run_dir / f"domain-{name}")
+        net.to(device)
+        for p in protocols:
+            ranks[p].append(rank_targets(net, view, split, p, ev, device))
+    return {"dataset": config["dataset"], "model": config["model"], "variant": config["variant"], "split": split,
+            "exclude_history": ev.exclude_history,
+            "protocols": {p: summarise(cat(r), data.domain_names, ev) for p, r in ranks.items()}}
