@@ -122,3 +122,26 @@ def test_loader_is_deterministic_for_a_seed(built):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
     assert sorted(torch.cat(first).tolist()) == sorted(ds.users.tolist())
+
+
+def test_single_domain_view_keeps_targets_and_never_trains_on_them(built):
+    for dom in range(len(built.domain_names)):
+        view = built.restrict_to_domain(dom)
+        assert (view.domains == dom).all()
+        ev = EvalDataset(view, "test", max_len=50)
+        b = ev[list(range(len(ev)))]
+        want = built.targets.filter((pl.col("domain_idx") == dom) & (pl.col("split") == "test")).sort("user_idx")
+        assert b["target"].tolist() == want["item_idx"].to_list()
+        assert (b["domains"][b["mask"]] == dom).all()
+        for r in range(len(ev)):  # history = the user's domain events before the merged target
+            u = int(b["user_idx"][r])
+            s, e = built.offsets[u], built.offsets[u + 1]
+            merged_pos = int(want["pos"][r])
+            hist = [it for it, d in zip(built.items[s:s + merged_pos], built.domains[s:s + merged_pos]) if d == dom]
+            assert b["items"][r][b["mask"][r]].tolist() == hist[-50:]
+        # training prefixes: the domain's events among the merged training prefix only
+        ends = view.train_ends()
+        for u in range(0, len(ends), 17):
+            s = built.offsets[u]
+            n = built.offsets[u + 1] - s
+            assert ends[u] == int((built.domains[s:s + n - 2] == dom).sum())

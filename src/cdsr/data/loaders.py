@@ -6,7 +6,8 @@ event, padding (item 0, mask False) is on the left.
 
 Training batch (one example per user; the user's training prefix P = events[0 : n-2]):
     items, domains, timestamps, mask   [B, L]   inputs   P[:-1]  (last L)
-    targets, target_domains            [B, L]   next events P[1:] (0 where padded)
+    targets, target_domains,           [B, L]   next events P[1:] (0 where padded)
+    target_timestamps
     target_domain                      [B]      domain of the last target
 Evaluation batch (one example per (user, split) target at position t):
     items, domains, timestamps, mask   [B, L]   history events[0 : t] (last L)
@@ -139,11 +140,13 @@ class TrainDataset(Dataset):
         ts, _ = _windows(d.timestamps, s, e - 1, self.L)
         tgt, _ = _windows(d.items, s + 1, e, self.L)
         tdom, _ = _windows(d.domains, s + 1, e, self.L)
+        tts, _ = _windows(d.timestamps, s + 1, e, self.L)
         return {
             "user_idx": torch.from_numpy(u),
             "items": torch.from_numpy(items), "domains": torch.from_numpy(doms),
             "timestamps": torch.from_numpy(ts), "mask": torch.from_numpy(mask),
             "targets": torch.from_numpy(np.where(mask, tgt, 0)), "target_domains": torch.from_numpy(np.where(mask, tdom, 0)),
+            "target_timestamps": torch.from_numpy(np.where(mask, tts, 0)),
             "target_domain": torch.from_numpy(tdom[:, -1].copy()),
         }
 

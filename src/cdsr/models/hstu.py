@@ -198,7 +198,7 @@ class HSTU(SeqRecModel):
         neg = sample_domain_negatives(dom, self.dom_lo, self.dom_size, self.cfg.n_negatives)  # [P, R]
         E = self.item_vectors()
         pos_logit = (q * F.embedding(pos, E)).sum(-1, keepdim=True)  # [P, 1]
-        # F.embedding, not E[neg]: its backward is cheaper than index_put on CPU
+        # F.embedding rather than E[neg]: its backward (vs index_put) measured a little faster on CPU
         neg_logit = torch.bmm(F.embedding(neg, E), q.unsqueeze(-1)).squeeze(-1)  # [P, R]
         neg_logit = neg_logit.masked_fill(neg == pos.unsqueeze(-1), float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=-1) / self.cfg.temperature

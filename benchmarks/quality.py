@@ -1,0 +1,85 @@
+"""Quality benchmark: train model x variant x seed on one dataset and write a result table.
+
+    python benchmarks/quality.py --dataset amazon-food-kitchen-benchmark \
+        --models sasrec hstu bert4rec --variants merged single --seeds 1 --epochs 30
+
+Each run is `cdsr.train.run.train_run` (what `cdsr train` calls) into
+``runs/quality/<dataset>/<model>-<variant>-s<seed>``; a run whose metrics.json exists is not
+retrained, and an interrupted run resumes from its checkpoint, so the command can be re-run.
+Prints a markdown table (and writes it with --table) of test metrics per protocol and domain,
+with ABXI's published sampled-999 numbers beside them for Food-Kitchen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import cdsr  # noqa: F401
+from cdsr.config import load_params
+from cdsr.train.run import apply_overrides, hardware, train_run
+
+# EVALUATION.md: ABXI official code, README v2.1, mean of 5 seeds, sampled-999
+ABXI = {"Grocery_and_Gourmet_Food": {"HR@5": 0.2519, "HR@10": 0.3243, "NDCG@10": 0.1971, "MRR": 0.1655},
+        "Home_and_Kitchen": {"HR@5": 0.1745, "HR@10": 0.2438, "NDCG@10": 0.1427, "MRR": 0.1219}}
+COLS = ("HR@5", "HR@10", "NDCG@10", "MRR")
+
+
+def table(rows: list[dict], protocol: str, dataset: str) -> str:
+    domains = list(rows[0]["protocols"][protocol]["domains"]) if rows else []
+    head = "| model | variant | seed | epochs (best) | " + " | ".join(f"{d[:12]} {c}" for d in domains for c in COLS) + " |"
+    out = [head, "|" + "---|" * (4 + len(domains) * len(COLS))]
+    for m in rows:
+        dom = m["protocols"][protocol]["domains"]
+        fit = m["fit"]
+        ep = ", ".join(f"{v['epochs_run']} ({v['best_epoch'] + 1})" for v in fit.values())
+        out.append(f"| {m['model']} | {m['variant']} | {m['seed']} | {ep} | "
+                   + " | ".join(f"{dom[d][c]:.4f}" for d in domains for c in COLS) + " |")
+    if protocol == "sampled-999" and dataset.startswith("amazon-food-kitchen") and set(domains) == set(ABXI):
+        out.append("| ABXI (published, 5 seeds) | | | | " + " | ".join(f"{ABXI[d][c]:.4f}" for d in domains for c in COLS) + " |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="amazon-food-kitchen-benchmark")
+    ap.add_argument("--models", nargs="+", default=["sasrec", "hstu", "bert4rec"])
+    ap.add_argument("--variants", nargs="+", default=["merged", "single"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1])
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="param override, e.g. train.patience=5")
+    ap.add_argument("--out", type=Path, default=Path("runs/quality"))
+    ap.add_argument("--table", type=Path, default=None, help="write the markdown tables here")
+    args = ap.parse_args()
+    rows = []
+    for model in args.models:
+        for variant in args.variants:
+            for seed in args.seeds:
+                run_dir = args.out / args.dataset / f"{model}-{variant}-s{seed}"
+                if (run_dir / "metrics.json").exists():
+                    rows.append(json.loads((run_dir / "metrics.json").read_text()))
+                    continue
+                t0 = time.time()
+                params = apply_overrides(load_params(), model, args.sets)
+                m = train_run(args.dataset, model, variant, params, run_dir, seed=seed, epochs=args.epochs)
+                rows.append(m)
+                full = m["protocols"]["full"]["overall"]
+                print(f"{model}-{variant}-s{seed}: {time.time() - t0:.0f} s, full NDCG@10 {full['NDCG@10']:.4f}", flush=True)
+    protocols = list(rows[0]["protocols"]) if rows else []
+    text = [f"Dataset `{args.dataset}`, test split, hardware: {json.dumps(hardware())}", ""]
+    for p in protocols:
+        text += [f"### {p}", "", table(rows, p, args.dataset), ""]
+    text.append("Run time per run (s): " + ", ".join(f"{r['model']}-{r['variant']}-s{r['seed']} {r['seconds']:.0f}" for r in rows))
+    out = "\n".join(text) + "\n"
+    print(out)
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
