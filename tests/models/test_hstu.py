@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cdsr.models.base import Vocab
-from cdsr.models.hstu import HSTU, HSTUConfig, hstu_attention, sample_domain_negatives, time_buckets
+from cdsr.models.hstu import HSTU, HSTUConfig, hstu_attention, time_buckets
+from cdsr.models.layers import sample_domain_negatives
 
 VOCAB = Vocab(n_items=60, domain_ranges=((1, 30), (31, 60)))
 

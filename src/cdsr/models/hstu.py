@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.layers import sample_domain_negatives
 
 N_TIME_BUCKETS = 128  # buckets 0..128 (129 weights), bucket = clamp(floor(ln(max(dt,1)) / 0.301))
 
@@ -73,16 +74,6 @@ def time_buckets(query_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[B, L, L] bucket of |query_t_i - t_j| = clamp(floor(ln(max(dt, 1)) / 0.301), 0, 128)."""
     dt = (query_t.unsqueeze(2) - t.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
     return (torch.log(dt) / 0.301).floor().clamp(0, N_TIME_BUCKETS).long()
-
-
-def sample_domain_negatives(domains: torch.Tensor, lo: torch.Tensor, size: torch.Tensor, n: int) -> torch.Tensor:
-    """[..., n] uniform item ids of each entry's domain: lo + floor(rand * size) (global RNG).
-
-    domains [...] long; lo, size [D] first item id / number of items of each domain.
-    """
-    lo_, size_ = lo[domains].unsqueeze(-1), size[domains].unsqueeze(-1)
-    u = torch.rand(*domains.shape, n, device=domains.device)
-    return lo_ + torch.minimum((u * size_).long(), size_ - 1)  # min: guards float rounding to 1
 
 
 class RelativeBias(nn.Module):

@@ -79,6 +79,16 @@ class Encoder(nn.Module):
         return self.ln(x), probs
 
 
+def sample_domain_negatives(domains: torch.Tensor, lo: torch.Tensor, size: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n] uniform item ids of each entry's domain: lo + floor(rand * size) (global RNG).
+
+    domains [...] long; lo, size [D] first item id / number of items of each domain.
+    """
+    lo_, size_ = lo[domains].unsqueeze(-1), size[domains].unsqueeze(-1)
+    u = torch.rand(*domains.shape, n, device=domains.device)
+    return lo_ + torch.minimum((u * size_).long(), size_ - 1)  # min: guards float rounding to 1
+
+
 def domain_softmax_loss(h: torch.Tensor, targets: torch.Tensor, target_domains: torch.Tensor,
                         item_emb: torch.Tensor, domain_ranges: tuple[tuple[int, int], ...],
                         bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss
+from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss, sample_domain_negatives
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,6 @@ class SASRecConfig:
     n_negatives: int = 128  # for loss: sampled
 
 
-def sample_domain_negatives(target_domains: torch.Tensor, ranges: torch.Tensor, n: int) -> torch.Tensor:
-    """[N, n] uniform item ids from each row's target domain (ranges [D, 2] = first/last id)."""
-    lo, hi = ranges[target_domains, 0], ranges[target_domains, 1]
-    u = torch.rand(target_domains.shape[0], n, device=target_domains.device)
-    return lo[:, None] + (u * (hi - lo + 1)[:, None]).long().clamp(max=(hi - lo)[:, None])
-
-
 class SASRec(SeqRecModel):
     def __init__(self, cfg: SASRecConfig, vocab: Vocab):
         super().__init__(vocab)
@@ -53,7 +46,9 @@ class SASRec(SeqRecModel):
         self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Encoder(cfg.d, cfg.layers, cfg.heads, cfg.dropout)
-        self.register_buffer("ranges", torch.tensor(vocab.domain_ranges, dtype=torch.long), persistent=False)
+        ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
+        self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
+        self.register_buffer("dom_size", ranges[:, 1] - ranges[:, 0] + 1, persistent=False)
         nn.init.normal_(self.item_emb.weight, std=cfg.d ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -80,7 +75,7 @@ class SASRec(SeqRecModel):
         if self.cfg.loss == "ce":
             return domain_softmax_loss(q, tgt, tdom, self.item_emb.weight, self.vocab.domain_ranges)
         k = 1 if self.cfg.loss == "bce" else self.cfg.n_negatives
-        neg = sample_domain_negatives(tdom, self.ranges, k)
+        neg = sample_domain_negatives(tdom, self.dom_lo, self.dom_size, k)
         pos_s = (q * self.item_emb(tgt)).sum(-1)
         neg_s = torch.einsum("nd,nkd->nk", q, self.item_emb(neg))
         if self.cfg.loss == "bce":
