@@ -23,7 +23,7 @@ from cdsr.evaluate.protocols import EvalConfig, rank_targets
 from cdsr.models.base import Vocab
 from cdsr.models.registry import MODELS, build_model, model_config
 from cdsr.train.loop import pick_device, to_device
-from cdsr.train.run import load_split
+from cdsr.train.run import apply_overrides, load_split
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="override, e.g. model.loss=bce")
     args = ap.parse_args()
-    params = load_params()
     data = load_split(args.dataset)
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     device = pick_device(args.device)
@@ -43,6 +43,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"{'model':10s} {'train seq/s':>12s} {'epoch s':>8s} {'eval users/s':>13s} {'eval s':>7s}")
     for name in args.models:
+        params = apply_overrides(load_params(), name, args.sets)
         torch.manual_seed(0)
         model = build_model(name, model_config(name, params["models"].get(name), "merged"), vocab).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
