@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from cdsr.data.config import DatasetConfig, FilterStep
@@ -159,9 +158,3 @@ def write_sequences(tables: SequenceTables, out_dir: Path) -> None:
 
 def read_sequences(processed: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     return pl.read_parquet(processed / "sequences.parquet"), pl.read_parquet(processed / "items.parquet")
-
-
-def domain_slices(items: pl.DataFrame) -> np.ndarray:
-    """[D, 2] array of (first item_idx, last item_idx) per domain: domain d is a slice."""
-    g = items.group_by("domain_idx").agg(pl.col("item_idx").min().alias("lo"), pl.col("item_idx").max().alias("hi")).sort("domain_idx")
-    return np.stack([g["lo"].to_numpy(), g["hi"].to_numpy()], axis=1)

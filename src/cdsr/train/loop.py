@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -163,7 +163,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         epoch = state["epoch"]
         order = _batch_order(len(ds), cfg.batch_size, seed, epoch)
         model.train()
-        t0, seen, loss_sum = time.time(), 0, 0.0
+        t0, seen, loss_sum, n_steps = time.time(), 0, 0.0, 0
         bar = tqdm(order[state["step"]:], desc=f"epoch {epoch}", leave=False,
                    disable=not (cfg.progress and sys.stderr.isatty()))  # no \r spam in logs
         for idx in bar:
@@ -172,6 +172,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             state["step"] += 1
             global_step += 1
             seen += len(idx)
+            n_steps += 1
             loss_sum += stats["loss"]
             bar.set_postfix(loss=f"{stats['loss']:.4f}", seq_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
             if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < len(order):
@@ -181,7 +182,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             if on_step is not None:
                 on_step(global_step)
         state["train_seconds"] += time.time() - t0
-        record = {"epoch": epoch, "loss": loss_sum / max(len(order) - 0, 1), "seq_per_s": seen / max(time.time() - t0, 1e-9)}
+        # mean over the steps this process ran (after a mid-epoch resume: the rest of the epoch)
+        record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             val = summarise(rank_targets(model, data, "valid", cfg.val_protocol, eval_cfg, device),
                             data.domain_names, eval_cfg)["overall"]
@@ -210,6 +212,3 @@ def load_best(model: SeqRecModel, run_dir: Path) -> SeqRecModel:
     model.load_state_dict(ck["model"])
     return model
 
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)
