@@ -43,6 +43,30 @@ def table(rows: list[dict], protocol: str, dataset: str) -> str:
     return "\n".join(out)
 
 
+def summary(root: Path, protocols: tuple[str, ...] = ("full", "sampled-999"), metric: str = "NDCG@10") -> str:
+    """Mean +- sample sd over every seed found under ``root`` (one metrics.json per run)."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for f in sorted(root.glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        groups.setdefault((m["model"], m["variant"]), []).append(m)
+    if not groups:
+        return "no runs found"
+    domains = list(next(iter(groups.values()))[0]["protocols"][protocols[0]]["domains"])
+    head = "| model | variant | seeds | " + " | ".join(f"{p} {metric} {d[:12]}" for p in protocols for d in domains) + " |"
+    out = [head, "|" + "---|" * (3 + len(protocols) * len(domains))]
+    for (model, variant), runs in groups.items():
+        cells = []
+        for p in protocols:
+            for d in domains:
+                xs = [r["protocols"][p]["domains"][d][metric] for r in runs]
+                sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+                cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}" if len(xs) > 1 else f"{xs[0]:.4f}")
+        out.append(f"| {model} | {variant} | {','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="amazon-food-kitchen-benchmark")
@@ -53,7 +77,11 @@ def main() -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="param override, e.g. train.patience=5")
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--table", type=Path, default=None, help="write the markdown tables here")
+    ap.add_argument("--summary", action="store_true", help="only print mean +- sd over all seeds already run")
     args = ap.parse_args()
+    if args.summary:
+        print(summary(args.out / args.dataset))
+        return 0
     rows = []
     for model in args.models:
         for variant in args.variants:
