@@ -3,6 +3,7 @@ from the raw CSVs, the benchmark file loads unchanged, and every declared datase
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from cdsr.config import load_params
 from cdsr.data.build import build
 from cdsr.data.config import dataset_config
+from cdsr.data.sequences import build_sequences
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +56,7 @@ def test_raw_rebuild_reproduces_the_release_exactly(afk):
     a = _events(raw).group_by("user_id", "timestamp").agg(pl.col("item_id").sort())
     b = _events(bench).group_by("user_id", "timestamp").agg(pl.col("item_id").sort())
     j = a.join(b, on=["user_id", "timestamp"], how="full", suffix="_b")
-    assert j.height == a.height == b.height
+    assert j.height == a.height == b.height == 121_665  # user-days (docs/results.md)
     assert j.filter(pl.col("item_id") != pl.col("item_id_b")).height == 0
 
 
@@ -69,6 +71,17 @@ def test_same_day_order_and_test_targets(afk):
     ta = pl.read_parquet(raw / "split.parquet")
     tb = pl.read_parquet(bench / "split.parquet")
     assert ta.select("split", "pos", "domain_idx").equals(tb.select("split", "pos", "domain_idx"))
+    # the figures in docs/results.md: an item-id tie-break would change 580 test and 1,096
+    # validation targets
+    cfg = dataset_config(load_params(ROOT / "params.yaml"), "amazon-food-kitchen")
+    cfg = dataclasses.replace(cfg, sequences=dataclasses.replace(cfg.sequences, tie_break="item_id"))
+    alt = build_sequences(pl.read_parquet(raw.parent / "interim" / "interactions.parquet"), cfg)
+    id_of = dict(zip(alt.items["item_idx"].to_list(), alt.items["item_id"].to_list()))
+    ref = eb.group_by("user_id").agg(pl.col("item_id").sort_by("pos").alias("seq"))
+    got = dict(zip(alt.sequences["user_id"].to_list(), alt.sequences["items"].to_list()))
+    changed = {k: sum(id_of[got[u][-k]] != seq[-k] for u, seq in zip(ref["user_id"].to_list(), ref["seq"].to_list()))
+               for k in (1, 2)}
+    assert changed == {1: 580, 2: 1096}
 
 
 def test_benchmark_entry_loads_the_released_sequences_unchanged(afk, shared_data):

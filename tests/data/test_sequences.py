@@ -29,7 +29,7 @@ def _synthetic_interactions(seed=3, users=300) -> pl.DataFrame:
 def _reference(df: pl.DataFrame, steps: list[dict], domains: list[str]) -> dict[str, list[str]]:
     """Plain-Python reference of the filters, step by step as ABXI describes them."""
     seq = defaultdict(list)
-    for u, i, d, t, o in df.sort("user_id", "timestamp", "ingest_order").iter_rows():
+    for u, i, d, _t, _o in df.sort("user_id", "timestamp", "ingest_order").iter_rows():
         seq[u].append((i, d))
     for step in steps:
         (op, v), = step.items()

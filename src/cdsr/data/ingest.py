@@ -215,7 +215,7 @@ def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Pa
         select *, {'row_number() over (partition by user_id, item_id, domain, timestamp, rating order by ingest_order)' if dup else '1'} as dup_rank
         from cand""")
     keep_first = cfg.ingest.cross_domain_items == "keep_first"
-    con.execute(f"""
+    con.execute("""
         create temp table item_dom as
         select item_id, count(distinct domain) as n_domains,
                arg_min(domain, ingest_order) as first_domain

@@ -42,20 +42,6 @@ class Vocab:
     def from_ranges(cls, ranges: np.ndarray, names: list[str] | tuple[str, ...] = ()) -> "Vocab":
         return cls(int(ranges[:, 1].max()), tuple((int(a), int(b)) for a, b in ranges), tuple(names))
 
-    def item_domain(self) -> torch.Tensor:
-        """[n_items + 1] domain of each item id (padding gets domain 0)."""
-        out = torch.zeros(self.n_items + 1, dtype=torch.long)
-        for d, (lo, hi) in enumerate(self.domain_ranges):
-            out[lo : hi + 1] = d
-        return out
-
-    def domain_mask(self, domains: torch.Tensor) -> torch.Tensor:
-        """[B, n_items + 1] True where item id belongs to ``domains[b]`` (never padding)."""
-        lo = torch.tensor([r[0] for r in self.domain_ranges], device=domains.device)[domains]
-        hi = torch.tensor([r[1] for r in self.domain_ranges], device=domains.device)[domains]
-        ids = torch.arange(self.n_items + 1, device=domains.device)[None, :]
-        return (ids >= lo[:, None]) & (ids <= hi[:, None])
-
 
 class SeqRecModel(nn.Module):
     """Base class: subclasses implement ``loss`` and ``score``."""
@@ -63,14 +49,9 @@ class SeqRecModel(nn.Module):
     def __init__(self, vocab: Vocab):
         super().__init__()
         self.vocab = vocab
-        self.register_buffer("_item_domain", vocab.item_domain(), persistent=False)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
-
-    def domain_items_mask(self, domains: torch.Tensor) -> torch.Tensor:
-        """[..., n_items + 1] True for the items of each entry's domain (``domains`` any shape)."""
-        return self._item_domain == domains.unsqueeze(-1)
