@@ -6,6 +6,7 @@ Thin: each task is one stage function of ``cdsr.data.build`` (the same ones `dvc
     python flows/data.py synthetic amazon-food-kitchen-benchmark
 """
 
+# ruff: noqa: I001  (cdsr sets the offline environment before prefect is imported)
 from __future__ import annotations
 
 import sys
@@ -42,7 +43,7 @@ def data_build(datasets: list[str], params_path: str | None = None, data_root: s
     for name, fut in futures.items():
         try:
             out[name] = {"ok": True, "split": fut.result()}
-        except Exception as exc:  # reported per dataset; the flow itself fails below
+        except Exception as exc:  # noqa: BLE001 -- reported per dataset; the flow fails below
             out[name] = {"ok": False, "error": str(exc)}
     failed = [n for n, r in out.items() if not r["ok"]]
     if failed:

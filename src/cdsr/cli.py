@@ -171,6 +171,108 @@ def evaluate(
     typer.echo(f"metrics: {dest}")
 
 
+def _flows():
+    """The Prefect flows live in ``flows/`` at the project root (next to params.yaml)."""
+    root = Path.cwd()
+    if not (root / "flows").is_dir():
+        _fail(f"{root} has no flows/ directory: run cdsr from the project root")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+@app.command("benchmark")
+def benchmark(
+    dataset: str = DATASET,
+    method: list[str] = typer.Option([], "--method", help="Only these methods (default: benchmark.methods in params)."),
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+) -> None:
+    """Prefect benchmark flow: per method train -> evaluate -> robustness -> MLflow; writes metrics/<dataset>/."""
+    _flows()
+    from flows.benchmark import run_benchmark
+
+    res = run_benchmark(dataset, str(params) if params else None, str(root), list(method) or None,
+                        command=" ".join(["cdsr"] + sys.argv[1:]))
+    for m, r in res.items():
+        typer.echo(f"{m:16s} {'ok: ' + r['metrics'] if r['ok'] else 'FAILED: ' + r['error']}")
+
+
+@app.command("tune")
+def tune(
+    dataset: str = DATASET,
+    model: list[str] = typer.Option(..., "--model", "-m", help="Model(s) to tune (one study each)."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Finished trials the study should reach (default tune.trials)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default tune.storage: sqlite:///optuna.db)."),
+    worker: int = typer.Option(0, "--worker", help="Worker index when several workers share a study (seeds its sampler)."),
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+) -> None:
+    """Prefect tune flow: an Optuna study per model (TPE, median pruning, persistent, resumable)."""
+    _flows()
+    from flows.tune import tune_flow
+
+    try:
+        res = tune_flow(dataset, list(model), str(params) if params else None, trials, storage, worker, str(root))
+    except ConfigError as exc:
+        _fail(str(exc))
+    for m, best in res.items():
+        typer.echo(f"{m}: best {best['value']:.4f} (trial {best['trial']}) {best['params']} -> tuned/{dataset}/{m}.json")
+
+
+@app.command("promote")
+def promote(
+    dataset: str = DATASET,
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+    metrics_dir: Path = typer.Option(Path("metrics"), "--metrics-dir"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the decision as JSON here."),
+) -> None:
+    """Prefect promote flow: the best benchmark model becomes cdsr-<dataset>@champion if it beats the champion."""
+    _flows()
+    from flows.promote import promote_flow
+
+    try:
+        d = promote_flow(dataset, str(params) if params else None, str(metrics_dir), str(root), str(out) if out else None)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"{d['registered_model']}: {d['decision']} version {d['candidate_version']} ({d['candidate_method']}): {d['reason']}")
+
+
+@app.command("report")
+def report(
+    dataset: str = DATASET,
+    metrics_dir: Path = typer.Option(Path("metrics"), "--metrics-dir"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default reports/<dataset>)."),
+    params: Optional[Path] = PARAMS,
+    log_mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Also log the report to MLflow."),
+) -> None:
+    """One HTML page (+ PNG plots) comparing the benchmarked methods of a dataset."""
+    import datetime
+
+    from cdsr.report import report_files, write_report
+
+    out = out or Path("reports") / dataset
+    ctx = {"generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "commands": ["dvc repro", " ".join(["cdsr"] + sys.argv[1:])]}
+    try:
+        html = write_report(dataset, metrics_dir / dataset, out, ctx)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if log_mlflow:
+        import mlflow
+
+        from cdsr.config import from_dict
+        from cdsr.track import tracking
+
+        tcfg = from_dict(tracking.TrackingConfig, load_params(params).get("mlflow"), "mlflow")
+        tracking.setup(tcfg)
+        tracking.use_experiment(dataset, tcfg)
+        with mlflow.start_run(run_name=f"report/{dataset}", tags={"dataset": dataset, "cdsr.kind": "report"}):
+            for f in report_files(out):
+                mlflow.log_artifact(str(f), "report")
+    typer.echo(f"report: {html}")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

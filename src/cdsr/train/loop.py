@@ -118,11 +118,14 @@ def _save(path: Path, obj: dict) -> None:
 def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_dir: Path,
         eval_cfg: EvalConfig | None = None, strategy: Strategy | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
-        on_step: Callable[[int], None] | None = None) -> FitResult:
+        on_step: Callable[[int], None] | None = None, val_data: SplitData | None = None) -> FitResult:
     """Train ``model`` on ``data``'s training prefixes, early-stopping on validation.
 
-    Resumes from ``run_dir/last.pt`` when it exists. ``on_epoch(epoch, val_metrics)`` may
-    raise (e.g. optuna.TrialPruned) to stop; ``on_step(global_step)`` is called after each step.
+    ``val_data`` (default ``data``): where the validation targets are ranked, e.g. the clean
+    data when ``data`` carries training-time noise. Resumes from ``run_dir/last.pt`` when it
+    exists; a run that already finished (all epochs, or stopped early) returns at once.
+    ``on_epoch(epoch, record)`` may raise (e.g. optuna.TrialPruned) to stop; ``on_step(global_step)``
+    is called after each step.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -157,7 +160,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             ck["rng_cuda"] = torch.cuda.get_rng_state()
         _save(last, ck)
 
-    stopped = False
+    val_data = data if val_data is None else val_data
+    stopped = state["bad_epochs"] >= cfg.patience
     global_step = sum(len(_batch_order(len(ds), cfg.batch_size, seed, e)) for e in range(state["epoch"])) + state["step"]
     while state["epoch"] < cfg.epochs and not stopped:
         epoch = state["epoch"]
@@ -185,8 +189,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         # mean over the steps this process ran (after a mid-epoch resume: the rest of the epoch)
         record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val = summarise(rank_targets(model, data, "valid", cfg.val_protocol, eval_cfg, device),
-                            data.domain_names, eval_cfg)["overall"]
+            val = summarise(rank_targets(model, val_data, "valid", cfg.val_protocol, eval_cfg, device),
+                            val_data.domain_names, eval_cfg)["overall"]
             metric = val[cfg.val_metric]
             record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
             if metric > state["best_metric"] + cfg.min_delta:

@@ -17,8 +17,9 @@ import json
 import platform
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,41 +89,86 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
-              epochs: int | None = None, data_root: str | Path = "data",
-              on_epoch: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train, early-stop on validation, evaluate the best checkpoint on test; return metrics."""
+def fit_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
+            epochs: int | None = None, data_root: str | Path = "data",
+            on_epoch: Callable[[int, dict], None] | None = None,
+            train_transform: Callable[[SplitData], SplitData] | None = None,
+            data: SplitData | None = None) -> dict[str, Any]:
+    """Train with early stopping on validation; writes ``config.json``, checkpoints and ``fit.json``.
+
+    ``train_transform`` corrupts the training data only (robustness: training-time noise);
+    validation stays clean. ``data`` skips loading the split (already in memory). A run
+    directory whose ``last.pt`` exists resumes where it stopped (a finished one returns at once).
+    Returns ``{"fit": {part: info}, "history": {part: [epoch records]}, "parameters"}``.
+    """
     train_cfg, eval_cfg, mcfg = resolve(params, model, variant, epochs)
-    data = load_split(dataset, data_root)
+    data = data if data is not None else load_split(dataset, data_root)
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"dataset": dataset, "model": model, "variant": variant, "seed": seed, "data_root": str(data_root),
               "train": dataclasses.asdict(train_cfg), "evaluate": dataclasses.asdict(eval_cfg),
               "model_config": dataclasses.asdict(mcfg)}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    device = pick_device(train_cfg.device)
-    ranks: dict[str, list[RankResult]] = {p: [] for p in eval_cfg.protocols}
-    valid: list[RankResult] = []
-    fits = {}
-    t0 = time.time()
+    fits, history, n_params = {}, {}, 0
     for name, view in _parts(data, variant):
         sub = out_dir if name is None else out_dir / f"domain-{name}"
         set_seed(seed)
         net = build_model(model, mcfg, vocab)
-        res = fit(net, view, train_cfg, seed, sub, eval_cfg, on_epoch=on_epoch)
-        load_best(net, sub).to(device)
-        valid.append(rank_targets(net, view, "valid", train_cfg.val_protocol, eval_cfg, device))
-        for p in eval_cfg.protocols:
-            ranks[p].append(rank_targets(net, view, "test", p, eval_cfg, device))
+        n_params = sum(p.numel() for p in net.parameters())
+        train_view = view if train_transform is None else train_transform(view)
+        res = fit(net, train_view, train_cfg, seed, sub, eval_cfg, on_epoch=on_epoch, val_data=view)
         fits[name or "merged"] = {"best_epoch": res.best_epoch, "best_val": res.best_metric, "epochs_run": res.epochs_run,
                                   "stopped_early": res.stopped_early, "train_seconds": round(res.train_seconds, 2)}
-    metrics = {
-        "dataset": dataset, "model": model, "variant": variant, "seed": seed,
-        "protocols": {p: summarise(cat(r), data.domain_names, eval_cfg) for p, r in ranks.items()},
-        "validation": summarise(cat(valid), data.domain_names, eval_cfg),
-        "fit": fits, "parameters": sum(p.numel() for p in net.parameters()),
-        "seconds": round(time.time() - t0, 2), "hardware": hardware(),
-    }
+        history[name or "merged"] = res.history
+    out = {"fit": fits, "history": history, "parameters": n_params}
+    (out_dir / "fit.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def load_run_models(run_dir: Path, data: SplitData) -> list[tuple[str | None, SplitData, torch.nn.Module]]:
+    """The best checkpoint(s) of a run with the data view each one serves: one for ``merged``,
+    one per domain for ``single``."""
+    config = json.loads((run_dir / "config.json").read_text())
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    mcfg = model_config(config["model"], config["model_config"], config["variant"])
+    device = pick_device(config["train"]["device"])
+    out = []
+    for name, view in _parts(data, config["variant"]):
+        net = load_best(build_model(config["model"], mcfg, vocab), run_dir if name is None else run_dir / f"domain-{name}")
+        out.append((name, view, net.to(device)))
+    return out
+
+
+def rank_run(models: list[tuple[str | None, SplitData, torch.nn.Module]], split: str, protocol: str,
+             ev: EvalConfig) -> RankResult:
+    """Ranks of every ``split`` target, pooled over a run's models (see :func:`load_run_models`)."""
+    return cat([rank_targets(net, view, split, protocol, ev, next(net.parameters()).device) for _, view, net in models])
+
+
+def score_run(run_dir: Path, data: SplitData | None = None, protocols: list[str] | None = None) -> dict[str, Any]:
+    """Test metrics per protocol and the validation summary of a trained run's best checkpoint(s)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    data = data if data is not None else load_split(config["dataset"], config["data_root"])
+    ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
+    models = load_run_models(run_dir, data)
+    protos = list(protocols or ev.protocols)
+    val_proto = config["train"]["val_protocol"]
+    return {"protocols": {p: summarise(rank_run(models, "test", p, ev), data.domain_names, ev) for p in protos},
+            "validation": summarise(rank_run(models, "valid", val_proto, ev), data.domain_names, ev)}
+
+
+def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
+              epochs: int | None = None, data_root: str | Path = "data",
+              on_epoch: Callable[[int, dict], None] | None = None,
+              train_transform: Callable[[SplitData], SplitData] | None = None,
+              data: SplitData | None = None) -> dict[str, Any]:
+    """:func:`fit_run` then :func:`score_run`; writes and returns ``metrics.json``."""
+    t0 = time.time()
+    data = data if data is not None else load_split(dataset, data_root)
+    fitted = fit_run(dataset, model, variant, params, out_dir, seed, epochs, data_root, on_epoch, train_transform, data)
+    scored = score_run(out_dir, data)
+    metrics = {"dataset": dataset, "model": model, "variant": variant, "seed": seed, **scored, **fitted,
+               "seconds": round(time.time() - t0, 2), "hardware": hardware()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -131,18 +177,10 @@ def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclu
     """Re-evaluate a finished run's best checkpoint(s) under the given protocols."""
     config = json.loads((run_dir / "config.json").read_text())
     data = load_split(config["dataset"], config["data_root"])
-    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
     ev = dataclasses.replace(ev, protocols=list(protocols),
                              exclude_history=ev.exclude_history if exclude_history is None else exclude_history)
-    mcfg = model_config(config["model"], config["model_config"], config["variant"])
-    device = pick_device(config["train"]["device"])
-    ranks: dict[str, list[RankResult]] = {p: [] for p in protocols}
-    for name, view in _parts(data, config["variant"]):
-        net = load_best(build_model(config["model"], mcfg, vocab), run_dir if name is None else run_dir / f"domain-{name}")
-        net.to(device)
-        for p in protocols:
-            ranks[p].append(rank_targets(net, view, split, p, ev, device))
+    models = load_run_models(run_dir, data)
     return {"dataset": config["dataset"], "model": config["model"], "variant": config["variant"], "split": split,
             "exclude_history": ev.exclude_history,
-            "protocols": {p: summarise(cat(r), data.domain_names, ev) for p, r in ranks.items()}}
+            "protocols": {p: summarise(rank_run(models, split, p, ev), data.domain_names, ev) for p in protocols}}

@@ -1,0 +1,36 @@
+"""Prefect flow: gated promotion of the best benchmark model to ``cdsr-<dataset>@champion``.
+
+    cdsr promote --dataset synthetic        (the `register` stage of dvc.yaml)
+"""
+
+# ruff: noqa: I001  (cdsr sets the offline environment before prefect is imported)
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cdsr  # noqa: F401
+from prefect import flow, task
+
+from cdsr.config import from_dict, load_params
+from cdsr.track import tracking
+from cdsr.track.registry import PromoteConfig, promote
+
+
+@task(name="promote", task_run_name="{dataset}:promote", retries=2, retry_delay_seconds=1)
+def promote_task(dataset: str, params_path: str | None, metrics_dir: str, data_root: str) -> dict:
+    params = load_params(params_path)
+    cfg = from_dict(PromoteConfig, params.get("promote"), "promote")
+    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    return promote(dataset, cfg, Path(metrics_dir), data_root, tcfg)
+
+
+@flow(name="promote", flow_run_name="promote-{dataset}")
+def promote_flow(dataset: str, params_path: str | None = None, metrics_dir: str = "metrics", data_root: str = "data",
+                 out: str | None = None) -> dict:
+    """Returns the decision; ``out`` also writes it as JSON (DVC metrics of the register stage)."""
+    decision = promote_task(dataset, params_path, metrics_dir, data_root)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(decision, indent=2) + "\n")
+    return decision

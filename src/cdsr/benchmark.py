@@ -1,0 +1,330 @@
+"""The benchmark of one dataset: per method train -> evaluate -> robustness -> track.
+
+Pure functions over files; ``flows/benchmark.py`` makes each one a Prefect task and fans the
+methods out. A method is ``<model>`` (merged sequences) or ``<model>-single`` (one model per
+domain).
+
+Where things go (all paths relative to the project root):
+- ``runs/benchmark/<dataset>/<method>/<key>/``: the run directory (checkpoints, ``metrics.json``,
+  ``robustness.json``, ``tracking.json``). ``<key>`` hashes everything that defines the run
+  (resolved configs, seed, data version), so a rerun with the same inputs resumes or reuses it
+  and a changed input starts afresh. It is not a DVC output: DVC deletes outputs before it reruns
+  a stage, and a killed benchmark must resume from its checkpoints.
+- ``metrics/<dataset>/<method>.json``: the DVC metrics (``cdsr train``'s metrics.json shape plus
+  ``robustness``, ``data_version``, ``mlflow_run_id``, ``git_commit``).
+- ``plots/<dataset>/learning/<method>.csv`` and ``plots/<dataset>/robustness/<method>.csv``:
+  DVC plots data (learning curves; NDCG@10 against noise level p, one column per noise kind).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdsr.config import ConfigError, from_dict
+from cdsr.evaluate.protocols import EvalConfig, summarise
+from cdsr.evaluate.robustness import (
+    RobustnessConfig,
+    inference_curves,
+    noise_seed,
+    perturb,
+    training_rows,
+)
+from cdsr.models.registry import get_spec
+from cdsr.track import tracking
+from cdsr.train.run import (
+    apply_overrides,
+    fit_run,
+    hardware,
+    load_run_models,
+    load_split,
+    rank_run,
+    resolve,
+    score_run,
+    train_run,
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The ``benchmark:`` section of params.yaml."""
+
+    methods: list[str] = field(default_factory=lambda: ["sasrec", "bert4rec", "hstu"])
+    seed: int = 42
+    epochs: int | None = None  # None: train.epochs
+    max_workers: int = 0  # concurrent method branches; 0 = auto (one per 2 cores, at least 1)
+    use_tuned: bool = True  # apply tuned/<dataset>/<model>.json when it exists
+    robustness: bool = True
+    runs_dir: str = "runs/benchmark"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    tuned_dir: str = "tuned"
+    fail_on_error: bool = True  # the flow fails (after writing the others' results) if a method failed
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("benchmark.methods is empty")
+        for m in self.methods:
+            parse_method(m)
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """``sasrec`` -> (sasrec, merged); ``sasrec-single`` -> (sasrec, single)."""
+    model, _, variant = method.partition("-")
+    variant = variant or "merged"
+    spec = get_spec(model)
+    if variant not in spec.variants:
+        raise ConfigError(f"method '{method}': model '{model}' has variants {list(spec.variants)}")
+    return model, variant
+
+
+def workers(cfg: BenchmarkConfig) -> int:
+    if cfg.max_workers > 0:
+        return min(cfg.max_workers, len(cfg.methods))
+    return max(1, min(len(cfg.methods), (os.cpu_count() or 1) // 2))
+
+
+def tuned_overrides(cfg: BenchmarkConfig, dataset: str, model: str) -> dict[str, Any]:
+    path = Path(cfg.tuned_dir) / dataset / f"{model}.json"
+    if not cfg.use_tuned or not path.exists():
+        return {}
+    return json.loads(path.read_text())["params"]
+
+
+def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str) -> dict[str, Any]:
+    """params.yaml with the method's tuned values applied (``train.lr``, ``model.d``, ...)."""
+    model, _ = parse_method(method)
+    tuned = tuned_overrides(cfg, dataset, model)
+    return apply_overrides(params, model, [f"{k}={json.dumps(v)}" for k, v in tuned.items()])
+
+
+def run_key(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_version: dict) -> str:
+    model, variant = parse_method(method)
+    train, ev, mcfg = resolve(params, model, variant, cfg.epochs)
+    train = dataclasses.replace(train, progress=True, device="auto")  # no effect on the result
+    rob = robustness_config(params) if cfg.robustness else None
+    blob = json.dumps({"train": dataclasses.asdict(train), "evaluate": dataclasses.asdict(ev),
+                       "model": dataclasses.asdict(mcfg), "seed": cfg.seed, "data": data_version,
+                       "robustness": dataclasses.asdict(rob) if rob else None}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def robustness_config(params: dict[str, Any]) -> RobustnessConfig:
+    return from_dict(RobustnessConfig, params.get("robustness"), "robustness")
+
+
+def run_dir(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_root: str | Path) -> Path:
+    dv = tracking.data_version(dataset, data_root)
+    return Path(cfg.runs_dir) / dataset / method / run_key(params, cfg, dataset, method, dv)
+
+
+# -- the steps (each a Prefect task in flows/benchmark.py) --------------------------------------
+
+def train_step(dataset: str, method: str, params: dict[str, Any], cfg: BenchmarkConfig,
+               data_root: str | Path = "data") -> str:
+    """Train with early stopping, resuming from the run directory's last checkpoint; returns the
+    run directory. A finished run (``fit.json`` present) is reused as is."""
+    model, variant = parse_method(method)
+    p = method_params(params, cfg, dataset, method)
+    out = run_dir(p, cfg, dataset, method, data_root)
+    if not (out / "fit.json").exists():
+        fit_run(dataset, model, variant, p, out, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root)
+    return str(out)
+
+
+def evaluate_step(run: str) -> dict[str, Any]:
+    """Test metrics per protocol (from params) and the validation summary of the best checkpoint;
+    writes the run's ``metrics.json`` (the shape of ``cdsr train``'s)."""
+    rd = Path(run)
+    if (rd / "metrics.json").exists():
+        return json.loads((rd / "metrics.json").read_text())
+    config = json.loads((rd / "config.json").read_text())
+    fitted = json.loads((rd / "fit.json").read_text())
+    t0 = time.time()
+    metrics = {"dataset": config["dataset"], "model": config["model"], "variant": config["variant"],
+               "seed": config["seed"], **score_run(rd), **fitted,
+               "seconds": round(sum(f["train_seconds"] for f in fitted["fit"].values()) + time.time() - t0, 2),
+               "hardware": hardware()}
+    (rd / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any], cfg: BenchmarkConfig,
+                    data_root: str | Path = "data") -> list[dict]:
+    """Inference-time noise on the trained model, then training-time noise (one retrain per kind
+    and p, same settings, clean validation and test). Cached in ``robustness.json``."""
+    out = Path(run) / "robustness.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    rc = robustness_config(params)
+    model, variant = parse_method(method)
+    p = method_params(params, cfg, dataset, method)
+    config = json.loads((Path(run) / "config.json").read_text())
+    ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
+    data = load_split(dataset, data_root)
+
+    def evaluate_fn(d) -> dict[str, float]:
+        models = load_run_models(Path(run), d)
+        return summarise(rank_run(models, "test", rc.protocol, ev), d.domain_names, ev)["overall"]
+
+    rows = inference_curves(evaluate_fn, data, rc)
+    clean = rows[0]
+    noisy = {}
+    for kind in rc.train:
+        for prob in rc.p:
+            sub = Path(run) / f"train-noise-{kind}-p{prob}"
+            seed = noise_seed(rc, kind, prob)
+            if not (sub / "metrics.json").exists():
+                train_run(dataset, model, variant, p, sub, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
+                          data=data, train_transform=lambda v, k=kind, q=prob, s=seed: perturb(v, k, q, s, scope="train"))
+            noisy[(kind, prob)] = evaluate_fn_for(sub, data, rc.protocol, ev)
+    rows += training_rows({m: clean[m] for m in rc.metrics}, noisy, rc)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def evaluate_fn_for(run: Path, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
+    return summarise(rank_run(load_run_models(run, data), "test", protocol, ev), data.domain_names, ev)["overall"]
+
+
+_MLFLOW_LOCK = threading.Lock()  # the fluent MLflow API keeps one active-run stack per process
+
+
+def track_step(dataset: str, method: str, run: str, robustness: list[dict] | None, params: dict[str, Any],
+               cfg: BenchmarkConfig, data_root: str | Path = "data", parent_run_id: str | None = None,
+               command: str = "") -> dict[str, Any]:
+    """Log the run to MLflow (once: ``tracking.json`` remembers the run id) and write the DVC
+    metrics and plots files. Returns the metrics dict written to ``metrics/<dataset>/<method>.json``."""
+    import mlflow
+
+    rd = Path(run)
+    metrics = json.loads((rd / "metrics.json").read_text())
+    config = json.loads((rd / "config.json").read_text())
+    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    metrics.update(method=method, val_metric=config["train"]["val_metric"], robustness=robustness or [], data_version=tracking.data_version(dataset, data_root),
+                   git_commit=tracking.git_commit(), command=command,
+                   robustness_protocol=robustness_config(params).protocol if robustness else None)
+    plots = write_plots(dataset, method, metrics, cfg)
+    with _MLFLOW_LOCK:
+        tracking.setup(tcfg)
+        tracking.use_experiment(dataset, tcfg)
+        record = rd / "tracking.json"
+        known = json.loads(record.read_text()) if record.exists() else {}
+        run_id = known.get("run_id") if known.get("tracking_uri") == tracking.tracking_uri(tcfg) else None
+        if run_id and _finished(run_id):
+            metrics["mlflow_run_id"] = run_id
+        else:
+            tags = {"dataset": dataset, "method": method, "model": metrics["model"], "variant": metrics["variant"],
+                    "protocols": ",".join(metrics["protocols"]), "val_protocol": config["train"]["val_protocol"],
+                    "val_metric": config["train"]["val_metric"], "git_commit": metrics["git_commit"],
+                    "data_version": metrics["data_version"].get("split.parquet", "unknown"),
+                    "run_dir": str(rd), "cdsr.kind": "benchmark"}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            with mlflow.start_run(run_name=f"{dataset}/{method}", tags=tags) as r:
+                metrics["mlflow_run_id"] = r.info.run_id
+                tracking.log_params(config)
+                mlflow.log_dict(metrics["data_version"], "data_version.json")
+                tracking.log_history(metrics["history"])
+                vals = tracking.final_metrics(metrics)
+                vm = config["train"]["val_metric"]
+                vals["val_metric"] = float(metrics["validation"]["overall"][vm])
+                mlflow.log_metrics(vals)
+                tracking.log_artifacts([rd / "config.json", rd / "metrics.json", rd / "robustness.json"], "run")
+                tracking.log_artifacts(plots, "plots")
+                if tcfg.log_models:
+                    from cdsr.track.pyfunc import log_pyfunc
+
+                    items = Path(config["data_root"]) / dataset / "processed" / "items.parquet"
+                    log_pyfunc(rd, items, name="model")
+            record.write_text(json.dumps({"run_id": metrics["mlflow_run_id"],
+                                          "tracking_uri": tracking.tracking_uri(tcfg)}) + "\n")
+    dest = Path(cfg.metrics_dir) / dataset / f"{method}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _finished(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_run(run_id).info.status == "FINISHED"
+    except MlflowException:  # deleted, or another store
+        return False
+
+
+def write_plots(dataset: str, method: str, metrics: dict[str, Any], cfg: BenchmarkConfig) -> list[Path]:
+    """DVC plots data: learning curve and robustness curve CSVs, and a robustness PNG."""
+    base = Path(cfg.plots_dir) / dataset
+    out = []
+    learn = base / "learning" / f"{method}.csv"
+    learn.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"part": part, **rec} for part, recs in metrics.get("history", {}).items() for rec in recs]
+    if rows:
+        cols = ["part", "epoch"] + sorted({k for r in rows for k in r} - {"part", "epoch"})
+        with open(learn, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        out.append(learn)
+    rob = metrics.get("robustness") or []
+    if rob:
+        # one curve per file (DVC draws one line per file of a plots directory)
+        mdir = base / "robustness" / method
+        if mdir.exists():
+            shutil.rmtree(mdir)
+        mdir.mkdir(parents=True)
+        cols = ["p"] + [k for k in rob[0] if k not in {"scope", "kind", "p"}]
+        for scope in ("inference", "train"):
+            clean = [r for r in rob if r["scope"] == scope and r["kind"] == "clean"]
+            for kind in _kinds(rob, scope):
+                pts = clean + sorted((r for r in rob if r["scope"] == scope and r["kind"] == kind), key=lambda r: r["p"])
+                path = mdir / f"{scope}-{kind}.csv"
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+                    w.writeheader()
+                    w.writerows(pts)
+                out.append(path)
+        png = Path(cfg.runs_dir) / dataset / method / f"robustness-{method}.png"
+        robustness_png(rob, method, png)
+        out.append(png)
+    return out
+
+
+def _kinds(rows: list[dict], scope: str) -> list[str]:
+    return sorted({r["kind"] for r in rows if r["scope"] == scope and r["kind"] != "clean"})
+
+
+def robustness_png(rows: list[dict], method: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for scope in ("inference", "train"):
+        clean = [r for r in rows if r["scope"] == scope and r["kind"] == "clean"]
+        for kind in _kinds(rows, scope):
+            pts = clean + sorted((r for r in rows if r["scope"] == scope and r["kind"] == kind), key=lambda r: r["p"])
+            ax.plot([r["p"] for r in pts], [r["NDCG@10"] for r in pts], marker="o",
+                    linestyle="-" if scope == "inference" else "--", label=f"{scope}: {kind}")
+    ax.set_xlabel("noise level p")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title(f"robustness: {method}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,257 @@
+"""Serve a training run as an MLflow pyfunc model: a user's recent history -> top-k item ids.
+
+:func:`log_pyfunc` logs a run directory written by :func:`cdsr.train.run.train_run` under the
+active MLflow run: ``config.json``, the best checkpoint(s) (``best.pt``, or
+``domain-<name>/best.pt`` per domain for the ``single`` variant), a compact item table and the
+``cdsr`` source (``code_paths``), so the model loads where the package is not installed.
+
+Input: a DataFrame, one row per request (REST: ``{"dataframe_records": [...]}``)
+
+    item_ids       list[str]  the user's recent history (raw item ids), oldest first
+    domains        list[str]  domain name of each event (the domain label the model sees)
+    timestamps     list[int]  unix seconds of each event (stable-sorted before use)
+    target_domain  str        the domain to recommend in
+    k              int        how many items, 1..1000 (optional, default 10)
+
+Output: one row per request: ``item_ids`` (top-k raw ids of the target domain, best first),
+``scores`` (their model scores) and ``unknown_items`` (history ids not in the vocabulary: they
+are dropped from the history and reported). A history with no known item is allowed: the model
+then scores from a fully padded window.
+
+Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``: the scoring server answers
+HTTP 400 with the message (prefixed by MLflow with ``Failed to predict data ...``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+REQUIRED = ("item_ids", "domains", "timestamps", "target_domain")
+DEFAULT_K = 10
+MAX_K = 1000
+ITEM_COLUMNS = ["item_idx", "item_id", "domain_idx", "domain"]
+# distributions the logged model needs (the cdsr source itself travels as code_paths)
+REQUIREMENTS = ("torch", "numpy", "pandas", "polars", "pyarrow", "pyyaml", "cloudpickle", "mlflow")
+
+INPUT_SCHEMA = Schema([
+    ColSpec(Array(DataType.string), "item_ids"),
+    ColSpec(Array(DataType.string), "domains"),
+    ColSpec(Array(DataType.long), "timestamps"),
+    ColSpec(DataType.string, "target_domain"),
+    # "any", not long: with records that give k and records that do not, pandas makes the column
+    # float64 with NaN, which a long column would reject; predict validates k itself
+    ColSpec(AnyType(), "k", required=False),
+])
+OUTPUT_SCHEMA = Schema([
+    ColSpec(Array(DataType.string), "item_ids"),
+    ColSpec(Array(DataType.double), "scores"),
+    ColSpec(Array(DataType.string), "unknown_items"),
+])
+
+
+def _bad(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _as_list(value: Any, column: str, row: int) -> list:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise _bad(f"row {row}: '{column}' must be a list, got {type(value).__name__} {value!r}")
+    return list(value)
+
+
+class CDSRRecommender(mlflow.pyfunc.PythonModel):
+    """History -> top-k items of a requested domain, from the run's best checkpoint(s)."""
+
+    def load_context(self, context) -> None:
+        from cdsr.models.base import Vocab
+        from cdsr.models.registry import build_model, model_config
+
+        run = Path(context.artifacts["run"])
+        cfg = json.loads((run / "config.json").read_text())
+        items = pd.read_parquet(run / "items.parquet", columns=ITEM_COLUMNS).sort_values("item_idx")
+        doms = items.groupby("domain_idx").agg(lo=("item_idx", "min"), hi=("item_idx", "max"),
+                                               name=("domain", "first")).sort_index()
+        self.names: list[str] = [str(n) for n in doms["name"]]
+        self.dom_of_name = {n: d for d, n in enumerate(self.names)}
+        self.ranges = doms[["lo", "hi"]].to_numpy(dtype=np.int64)
+        self.max_len = int(cfg["evaluate"]["max_len"])
+        self.variant = cfg["variant"]
+        n_items = int(self.ranges[:, 1].max())
+        self.item_id = np.full(n_items + 1, "", dtype=object)  # item_idx -> raw id (0 = padding)
+        self.item_id[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()
+        self.idx_of_id = dict(zip(items["item_id"].astype(str), items["item_idx"].astype(int)))
+
+        vocab = Vocab.from_ranges(self.ranges, self.names)
+        mcfg = model_config(cfg["model"], cfg["model_config"], self.variant)
+        dirs = {None: run} if self.variant == "merged" else {d: run / f"domain-{n}" for d, n in enumerate(self.names)}
+        self.nets = {}
+        for d, path in dirs.items():
+            net = build_model(cfg["model"], mcfg, vocab)
+            ck = torch.load(path / "best.pt", map_location="cpu", weights_only=True)
+            net.load_state_dict(ck["model"])
+            self.nets[d] = net.eval()
+
+    # -- input --------------------------------------------------------------------------
+    def _parse(self, df: pd.DataFrame):
+        """-> per-row (item idx list, domain idx list, timestamps), target domains, ks, unknowns."""
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing:
+            raise _bad(f"missing required column(s) {missing}; expected {list(REQUIRED)} and optional 'k'")
+        known = ", ".join(self.names)
+        histories, targets, ks, unknowns = [], [], [], []
+        for row, rec in enumerate(df.to_dict("records")):
+            ids = [str(x) for x in _as_list(rec["item_ids"], "item_ids", row)]
+            labels = [str(x) for x in _as_list(rec["domains"], "domains", row)]
+            stamps = _as_list(rec["timestamps"], "timestamps", row)
+            if not len(ids) == len(labels) == len(stamps):
+                raise _bad(f"row {row}: item_ids, domains and timestamps must have the same length, "
+                           f"got {len(ids)}, {len(labels)} and {len(stamps)}")
+            target = rec["target_domain"]
+            if not isinstance(target, str) or target not in self.dom_of_name:
+                raise _bad(f"row {row}: unknown target_domain {target!r}; known domains: {known}")
+            bad_labels = sorted({x for x in labels if x not in self.dom_of_name})
+            if bad_labels:
+                raise _bad(f"row {row}: unknown domain label(s) {bad_labels} in 'domains'; known domains: {known}")
+            k = rec.get("k", DEFAULT_K)
+            if k is None or (isinstance(k, float) and math.isnan(k)):
+                k = DEFAULT_K
+            if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer, float, np.floating)) \
+                    or float(k) != int(k) or not 1 <= int(k) <= MAX_K:
+                raise _bad(f"row {row}: k must be an integer in 1..{MAX_K}, got {k!r}")
+            try:
+                ts = np.asarray(stamps, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise _bad(f"row {row}: timestamps must be integers (unix seconds): {e}") from None
+            order = np.argsort(ts, kind="stable")
+            idx = np.array([self.idx_of_id.get(i, 0) for i in ids], dtype=np.int64)[order]
+            dom = np.array([self.dom_of_name[x] for x in labels], dtype=np.int64)[order]
+            keep = idx > 0
+            histories.append((idx[keep], dom[keep], ts[order][keep]))
+            targets.append(self.dom_of_name[target])
+            ks.append(int(k))
+            unknowns.append(list(dict.fromkeys(i for i in ids if i not in self.idx_of_id)))
+        return histories, np.asarray(targets, dtype=np.int64), ks, unknowns
+
+    def _batch(self, histories, targets: np.ndarray) -> dict[str, torch.Tensor]:
+        """Right-aligned [B, L] windows of the last L events (padding 0 / False on the left)."""
+        B, L = len(histories), self.max_len
+        items = np.zeros((B, L), np.int64)
+        doms = np.zeros((B, L), np.int64)
+        ts = np.zeros((B, L), np.int64)
+        for b, (i, d, t) in enumerate(histories):
+            n = min(len(i), L)
+            if n:
+                items[b, L - n:], doms[b, L - n:], ts[b, L - n:] = i[-n:], d[-n:], t[-n:]
+        return {"items": torch.from_numpy(items), "domains": torch.from_numpy(doms),
+                "timestamps": torch.from_numpy(ts), "mask": torch.from_numpy(items > 0),
+                "target_domain": torch.from_numpy(targets), "user_idx": torch.zeros(B, dtype=torch.long)}
+
+    # -- scoring ------------------------------------------------------------------------
+    def _scores(self, histories, targets: np.ndarray) -> torch.Tensor:
+        """[B, n_items + 1] scores; the single variant runs each target domain's own model on
+        the history events of that domain only (as SplitData.restrict_to_domain)."""
+        with torch.no_grad():
+            if self.variant == "merged":
+                return self.nets[None].score(self._batch(histories, targets), None).float()
+            out = torch.empty(len(targets), int(self.ranges[:, 1].max()) + 1)
+            for d in np.unique(targets):
+                rows = np.flatnonzero(targets == d)
+                sub = [tuple(a[h[1] == d] for a in h) for h in (histories[r] for r in rows)]
+                out[torch.from_numpy(rows)] = self.nets[int(d)].score(self._batch(sub, targets[rows]), None).float()
+            return out
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        histories, targets, ks, unknowns = self._parse(df)
+        if not histories:
+            return pd.DataFrame({"item_ids": [], "scores": [], "unknown_items": []})
+        scores = self._scores(histories, targets)
+        # keep only the target domain's columns, then one top-k for the whole batch
+        cols = torch.arange(scores.shape[1])
+        lo = torch.from_numpy(self.ranges[targets, 0])[:, None]
+        hi = torch.from_numpy(self.ranges[targets, 1])[:, None]
+        in_domain = (cols[None] >= lo) & (cols[None] <= hi)
+        sizes = (hi - lo + 1)[:, 0]
+        top = min(max(ks), int(sizes.max()))
+        val, idx = scores.masked_fill(~in_domain, float("-inf")).topk(top, dim=1)
+        out_ids, out_scores = [], []
+        for b, k in enumerate(ks):
+            n = min(k, int(sizes[b]))
+            v = val[b, :n]
+            if not torch.isfinite(v).all():
+                raise _bad(f"row {b}: the model gave non-finite scores "
+                           f"({'no known items in history' if len(histories[b][0]) == 0 else 'check the checkpoint'})")
+            out_ids.append(self.item_id[idx[b, :n].numpy()].tolist())
+            out_scores.append([float(x) for x in v.tolist()])
+        return pd.DataFrame({"item_ids": out_ids, "scores": out_scores, "unknown_items": unknowns})
+
+
+# -- logging ------------------------------------------------------------------------------
+def _requirements() -> list[str]:
+    out = []
+    for dist in REQUIREMENTS:
+        version = importlib.metadata.version(dist).split("+")[0]  # 2.13.0+cpu -> 2.13.0
+        out.append(f"{dist}=={version}")
+    return out
+
+
+def _input_example(items: pd.DataFrame) -> pd.DataFrame:
+    """One request: the first two items of every domain as history, the first domain as target."""
+    first = items.sort_values(["domain_idx", "item_idx"]).groupby("domain_idx").head(2)
+    return pd.DataFrame([{
+        "item_ids": first["item_id"].astype(str).tolist(),
+        "domains": first["domain"].astype(str).tolist(),
+        "timestamps": list(range(1_600_000_000, 1_600_000_000 + len(first))),
+        "target_domain": str(first["domain"].iloc[0]),
+        "k": 5,
+    }])
+
+
+def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log ``run_dir`` (a :func:`cdsr.train.run.train_run` output) as a pyfunc model under the
+    active MLflow run; ``items_parquet`` is the dataset's processed ``items.parquet``."""
+    import cdsr
+
+    run_dir, items_parquet = Path(run_dir), Path(items_parquet)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    items = pd.read_parquet(items_parquet, columns=ITEM_COLUMNS).sort_values("item_idx").reset_index(drop=True)
+    names = items.drop_duplicates("domain_idx").sort_values("domain_idx")["domain"].astype(str).tolist()
+    with tempfile.TemporaryDirectory(prefix="cdsr-pyfunc-") as tmp:
+        stage = Path(tmp) / "run"
+        stage.mkdir()
+        shutil.copy2(run_dir / "config.json", stage / "config.json")
+        if cfg["variant"] == "merged":
+            shutil.copy2(run_dir / "best.pt", stage / "best.pt")
+        else:
+            for n in names:
+                (stage / f"domain-{n}").mkdir()
+                shutil.copy2(run_dir / f"domain-{n}" / "best.pt", stage / f"domain-{n}" / "best.pt")
+        items.to_parquet(stage / "items.parquet", index=False)
+        code = Path(tmp) / "code" / "cdsr"
+        shutil.copytree(Path(cdsr.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=CDSRRecommender(),
+            artifacts={"run": str(stage)},
+            code_paths=[str(code)],
+            pip_requirements=_requirements(),
+            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+            input_example=_input_example(items),
+        )

@@ -1,0 +1,196 @@
+"""Optuna tuning of one (dataset, model): the study behind `cdsr tune` and ``flows/tune.py``.
+
+- Search space declared per model in params.yaml (``tune.search_space.<model>``): keys are
+  ``--set`` style overrides (``train.lr``, ``model.d``); a spec is ``{low, high[, log, step]}``
+  (float, or int when both bounds are ints) or ``{choices: [...]}``.
+- TPE sampler (seeded) and a median pruner fed the validation metric after every epoch.
+- Persistent storage (``tune.storage``: sqlite by default, any SQLAlchemy URL). The study is
+  named ``<dataset>/<model>`` and loaded if it exists, so a killed ``cdsr tune`` resumes: a
+  trial left RUNNING by a dead process stops heart-beating, is marked FAIL and retried once
+  (Optuna's ``RetryFailedTrialCallback``), and the retry resumes from the dead trial's
+  checkpoint. ``--trials N`` is the study's total of finished (complete or pruned) trials,
+  counted across every worker and restart.
+- Several workers may share one study (one ``cdsr tune`` per worker): trial numbers come from
+  the database, each worker seeds its sampler differently (``--worker``), and a trial whose
+  parameters equal an already finished trial's is not trained again (it reuses that value and
+  records ``duplicate_of``).
+- Each trial is a nested MLflow run under the worker's ``tune/<dataset>/<model>`` run.
+- The best parameters go to ``tuned/<dataset>/<model>.json``; the benchmark applies them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdsr.config import ConfigError, from_dict
+from cdsr.track import tracking
+from cdsr.train.run import apply_overrides, train_run
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    n_startup_trials: int = 3
+    n_warmup_steps: int = 2
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The ``tune:`` section of params.yaml."""
+
+    storage: str = "sqlite:///optuna.db"
+    trials: int = 20
+    epochs: int = 20
+    sampler_seed: int = 0
+    seed: int = 42  # training seed of every trial (the comparison is between parameters, not seeds)
+    timeout: float | None = None  # seconds for this worker
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    search_space: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    runs_dir: str = "runs/tune"
+    tuned_dir: str = "tuned"
+    keep_trial_runs: bool = False  # delete the checkpoints of finished non-best trials
+
+
+def study_name(dataset: str, model: str) -> str:
+    return f"{dataset}/{model}"
+
+
+def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, spec in space.items():
+        if "choices" in spec:
+            out[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif "low" in spec and "high" in spec:
+            if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("float"):
+                out[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1),
+                                             log=bool(spec.get("log")))
+            else:
+                out[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                               step=spec.get("step"), log=bool(spec.get("log")))
+        else:
+            raise ConfigError(f"tune.search_space.{key}: need 'choices' or 'low' and 'high', got {spec}")
+    return out
+
+
+def storage_url(url: str) -> str:
+    """sqlite paths made absolute (so workers in other directories share the file)."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(url[len("sqlite:///"):]).resolve())
+    return url
+
+
+def open_study(dataset: str, model: str, cfg: TuneConfig, worker: int = 0, storage: str | None = None):
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    st = RDBStorage(storage_url(storage or cfg.storage), heartbeat_interval=cfg.heartbeat_interval,
+                    grace_period=cfg.grace_period, failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                    engine_kwargs={"connect_args": {"timeout": 60}} if (storage or cfg.storage).startswith("sqlite") else None)
+    return optuna.create_study(
+        study_name=study_name(dataset, model), storage=st, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed + 1000 * worker),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
+                                           n_warmup_steps=cfg.pruner.n_warmup_steps))
+
+
+def _duplicate(study, trial) -> Any:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != trial.number and t.params == trial.params:
+            return t
+    return None
+
+
+def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
+         storage: str | None = None, worker: int = 0, data_root: str | Path = "data") -> dict[str, Any]:
+    """Run trials until the study has ``trials`` finished ones; write and return the best."""
+    import mlflow
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    space = cfg.search_space.get(model)
+    if not space:
+        raise ConfigError(f"tune.search_space has no entry for model '{model}'")
+    total = trials if trials is not None else cfg.trials
+    study = open_study(dataset, model, cfg, worker, storage)
+    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    tracking.setup(tcfg)
+    tracking.use_experiment(dataset, tcfg)
+    val_metric = (params.get("train") or {}).get("val_metric", "NDCG@10")
+    runs = Path(cfg.runs_dir) / dataset / model
+
+    def objective(trial) -> float:
+        chosen = suggest(trial, space)
+        dup = _duplicate(study, trial)
+        if dup is not None:
+            trial.set_user_attr("duplicate_of", dup.number)
+            return float(dup.value)
+        retried = RetryFailedTrialCallback.retried_trial_number(trial)
+        out = runs / f"trial-{retried if retried is not None else trial.number}"  # a retry resumes
+        p = apply_overrides(params, model, [f"{k}={json.dumps(v)}" for k, v in chosen.items()])
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                              tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
+                                    "optuna.study": study.study_name, "optuna.trial": str(trial.number)}):
+            mlflow.log_params(chosen)
+
+            def on_epoch(epoch: int, record: dict) -> None:
+                key = f"val_{val_metric}"
+                if key not in record:
+                    return
+                mlflow.log_metric(tracking.metric_key(key), record[key], step=epoch)
+                trial.report(record[key], epoch)
+                if trial.should_prune():
+                    mlflow.set_tag("optuna.state", "PRUNED")
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+            m = train_run(dataset, model, "merged", p, out, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
+                          on_epoch=on_epoch)
+            value = float(m["validation"]["overall"][val_metric])
+            mlflow.log_metric("val_metric", value)
+            mlflow.set_tag("optuna.state", "COMPLETE")
+            trial.set_user_attr("run_dir", str(out))
+            return value
+
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    with mlflow.start_run(run_name=f"tune/{dataset}/{model}",
+                          tags={"dataset": dataset, "model": model, "cdsr.kind": "tune",
+                                "optuna.study": study.study_name, "optuna.worker": str(worker)}):
+        if done < total:
+            study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=finished)],
+                           timeout=cfg.timeout, catch=(), gc_after_trial=True)
+        best = write_best(study, dataset, model, cfg)
+        mlflow.log_metric("best_value", best["value"])
+        mlflow.log_dict(best, "best.json")
+    if not cfg.keep_trial_runs:
+        keep = {t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+        keep.add(best.get("run_dir"))
+        for t in study.get_trials(deepcopy=False, states=finished):
+            d = t.user_attrs.get("run_dir") or str(runs / f"trial-{t.number}")
+            if d not in keep and Path(d).exists():
+                shutil.rmtree(d, ignore_errors=True)
+    return best
+
+
+def write_best(study, dataset: str, model: str, cfg: TuneConfig) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    states = {s.name: sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
+    try:
+        bt = study.best_trial
+    except ValueError as exc:
+        raise RuntimeError(f"study {study.study_name}: no trial completed ({states})") from exc
+    best = {"study": study.study_name, "trial": bt.number, "value": bt.value, "params": bt.params,
+            "run_dir": bt.user_attrs.get("run_dir"), "trials": states}
+    dest = Path(cfg.tuned_dir) / dataset / f"{model}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(best, indent=2) + "\n")
+    return best
