@@ -52,7 +52,8 @@ def _branch(dataset, method, params, cfg, data_root, parent, command):
     run = train.submit(dataset, method, params, cfg, data_root)
     ev = evaluate.submit(dataset, method, run)
     rob = robustness.submit(dataset, method, run, params, cfg, data_root, wait_for=[ev]) if cfg.robustness else None
-    return track.submit(dataset, method, run, rob, params, cfg, data_root, parent, command, wait_for=[ev])
+    tr = track.submit(dataset, method, run, rob, params, cfg, data_root, parent, command, wait_for=[ev])
+    return [f for f in (run, ev, rob, tr) if f is not None]
 
 
 @flow(name="benchmark", flow_run_name="benchmark-{dataset}")
@@ -76,12 +77,14 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
         mlflow.end_run()
     results: dict[str, dict] = {}
     futures = {m: _branch(dataset, m, params, cfg, data_root, parent.info.run_id, command) for m in cfg.methods}
-    for m, fut in futures.items():
-        try:
-            fut.result()
-            results[m] = {"ok": True, "metrics": str(Path(cfg.metrics_dir) / dataset / f"{m}.json")}
-        except Exception as exc:  # noqa: BLE001 -- one failure is reported, the others are kept
-            results[m] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    for m, branch in futures.items():
+        results[m] = {"ok": True, "metrics": str(Path(cfg.metrics_dir) / dataset / f"{m}.json")}
+        for fut in branch:  # in order, so the error reported is the first step that failed
+            try:
+                fut.result()
+            except Exception as exc:  # noqa: BLE001 -- one failure is reported, the others are kept
+                results[m] = {"ok": False, "error": f"{fut.task_run_id and type(exc).__name__}: {exc}"}
+                break
     failed = {m: r["error"] for m, r in results.items() if not r["ok"]}
     if failed and cfg.fail_on_error:
         raise RuntimeError(f"benchmark of {dataset}: {len(failed)} method(s) failed: {failed}")

@@ -15,6 +15,7 @@ or deploy it to a work pool with ``prefect deploy`` (``prefect.yaml`` at the pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -37,9 +38,13 @@ from cdsr.config import from_dict, load_params
 def retrain(dataset: str = "synthetic", params_path: str | None = None, data_root: str = "data",
             trials: int = 5, methods: list[str] | None = None, project_dir: str | None = None) -> dict:
     """``trials``: the tuning budget per model this run adds (0 skips tuning). ``project_dir``:
-    where params.yaml, runs/ and metrics/ live (the runner may start the flow elsewhere)."""
-    if project_dir:
-        os.chdir(project_dir)
+    where params.yaml, runs/ and metrics/ live (the runner may start the flow elsewhere); the
+    flow runs there and gives the caller its working directory back."""
+    with contextlib.chdir(project_dir or os.curdir):
+        return _pipeline(dataset, params_path, data_root, trials, methods)
+
+
+def _pipeline(dataset: str, params_path: str | None, data_root: str, trials: int, methods: list[str] | None) -> dict:
     data = data_build([dataset], params_path=params_path, data_root=data_root)
     params = load_params(params_path)
     cfg = from_dict(bm.BenchmarkConfig, params.get("benchmark"), "benchmark")

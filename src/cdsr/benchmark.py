@@ -213,7 +213,7 @@ def track_step(dataset: str, method: str, run: str, robustness: list[dict] | Non
     metrics.update(method=method, val_metric=config["train"]["val_metric"], robustness=robustness or [], data_version=tracking.data_version(dataset, data_root),
                    git_commit=tracking.git_commit(), command=command,
                    robustness_protocol=robustness_config(params).protocol if robustness else None)
-    plots = write_plots(dataset, method, metrics, cfg)
+    plots = write_plots(dataset, method, metrics, cfg, rd)
     with _MLFLOW_LOCK:
         tracking.setup(tcfg)
         tracking.use_experiment(dataset, tcfg)
@@ -264,7 +264,7 @@ def _finished(run_id: str) -> bool:
         return False
 
 
-def write_plots(dataset: str, method: str, metrics: dict[str, Any], cfg: BenchmarkConfig) -> list[Path]:
+def write_plots(dataset: str, method: str, metrics: dict[str, Any], cfg: BenchmarkConfig, run: Path) -> list[Path]:
     """DVC plots data: learning curve and robustness curve CSVs, and a robustness PNG."""
     base = Path(cfg.plots_dir) / dataset
     out = []
@@ -296,7 +296,7 @@ def write_plots(dataset: str, method: str, metrics: dict[str, Any], cfg: Benchma
                     w.writeheader()
                     w.writerows(pts)
                 out.append(path)
-        png = Path(cfg.runs_dir) / dataset / method / f"robustness-{method}.png"
+        png = run / f"robustness-{method}.png"
         robustness_png(rob, method, png)
         out.append(png)
     return out

@@ -20,8 +20,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +82,26 @@ def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def overrides(values: dict[str, Any]) -> list[str]:
+    """``key=value`` strings for :func:`apply_overrides`, which parses values as YAML. Not JSON:
+    ``json.dumps(1e-06)`` is ``1e-06``, a *string* to PyYAML (its floats need a dot)."""
+    import yaml
+
+    def text(v: Any) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
+
+    return [f"{k}={text(v)}" for k, v in values.items()]
+
+
+def check_space(model: str, space: dict[str, dict[str, Any]]) -> None:
+    """Fail before the study is opened (not inside a trial, which would leave a FAIL trial behind)."""
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or not ("choices" in spec or ("low" in spec and "high" in spec)):
+            raise ConfigError(f"tune.search_space.{model}.{key}: need 'choices' or 'low' and 'high', got {spec!r}")
+        if "choices" in spec and not spec["choices"]:
+            raise ConfigError(f"tune.search_space.{model}.{key}: 'choices' is empty")
+
+
 def storage_url(url: str) -> str:
     """sqlite paths made absolute (so workers in other directories share the file)."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
@@ -84,18 +109,68 @@ def storage_url(url: str) -> str:
     return url
 
 
+def _retry_callback() -> tuple[str, Any]:
+    """Optuna's stale-trial retry callback and the RDBStorage keyword taking it (renamed in 4.9:
+    the old names still work but warn, and go in 6.0)."""
+    try:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+        return "heartbeat_stale_trial_callback", Retry
+    except ImportError:  # optuna < 4.9
+        from optuna.storages import RetryFailedTrialCallback as Retry
+
+        return "failed_trial_callback", Retry
+
+
+def retried_trial_number(study, trial) -> int | None:
+    """The number of the stale trial that ``trial`` retries (None for a fresh trial).
+
+    Optuna's ``retried_trial_number`` reads ``system_attrs``, which only a ``FrozenTrial`` has:
+    passing it the live ``Trial`` of an objective raises AttributeError."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number == trial.number:
+            with _quiet():
+                return _retry_callback()[1].retried_trial_number(t)
+    return None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Optuna warns that the heartbeat and retry API is experimental on every use (noise in logs)."""
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
 def open_study(dataset: str, model: str, cfg: TuneConfig, worker: int = 0, storage: str | None = None):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
-    st = RDBStorage(storage_url(storage or cfg.storage), heartbeat_interval=cfg.heartbeat_interval,
-                    grace_period=cfg.grace_period, failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
-                    engine_kwargs={"connect_args": {"timeout": 60}} if (storage or cfg.storage).startswith("sqlite") else None)
-    return optuna.create_study(
+    key, retry = _retry_callback()
+    with _quiet():
+        st = RDBStorage(storage_url(storage or cfg.storage), heartbeat_interval=cfg.heartbeat_interval,
+                        grace_period=cfg.grace_period, **{key: retry(max_retry=1)},
+                        engine_kwargs={"connect_args": {"timeout": 60}} if (storage or cfg.storage).startswith("sqlite") else None)
+    study = optuna.create_study(
         study_name=study_name(dataset, model), storage=st, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=cfg.sampler_seed + 1000 * worker),
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker, 0)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
                                            n_warmup_steps=cfg.pruner.n_warmup_steps))
+    n = len(study.get_trials(deepcopy=False))
+    if n:  # a resumed study: a fresh sampler with the same seed would replay the first trials' draws
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker, n))
+    return study
+
+
+def sampler_seed(cfg: TuneConfig, worker: int, n_trials: int) -> int:
+    """The TPE seed of a worker opening a study that already holds ``n_trials`` trials: distinct
+    per worker and per resume point (TPE's random start-up draws depend on the seed only, so a
+    resumed or second worker with the same seed would propose the very same parameters)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([cfg.sampler_seed, worker, n_trials]).generate_state(1)[0])
 
 
 def _duplicate(study, trial) -> Any:
@@ -107,23 +182,61 @@ def _duplicate(study, trial) -> Any:
     return None
 
 
+@contextlib.contextmanager
+def _sqlite_lock(url: str):
+    """One process at a time in the block, per sqlite file (a no-op for other databases)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None or not url.startswith("sqlite:///"):
+        yield
+        return
+    path = str(Path(url[len("sqlite:///"):].split("?", 1)[0]).resolve())
+    lock = Path(tempfile.gettempdir()) / f"cdsr-{hashlib.sha1(path.encode()).hexdigest()[:16]}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _first_use(fn, url: str, attempts: int = 5):
+    """``fn()``, the first use of a store, which creates its tables when the file is new.
+
+    Workers started together on a fresh store race to create and migrate its tables (MLflow:
+    ``table ... already exists``, alembic ``expected to match one row``; Optuna: the same in
+    ``create_all``): sqlite stores are locked meanwhile; other databases get a few retries."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            with _sqlite_lock(url):
+                return fn()
+        except (sqlalchemy.exc.DBAPIError, MlflowException):
+            if i == attempts - 1:
+                raise
+            time.sleep(0.5 * (i + 1))
+
+
 def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
          storage: str | None = None, worker: int = 0, data_root: str | Path = "data") -> dict[str, Any]:
     """Run trials until the study has ``trials`` finished ones; write and return the best."""
     import mlflow
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     space = cfg.search_space.get(model)
     if not space:
         raise ConfigError(f"tune.search_space has no entry for model '{model}'")
+    check_space(model, space)
     total = trials if trials is not None else cfg.trials
-    study = open_study(dataset, model, cfg, worker, storage)
+    study = _first_use(lambda: open_study(dataset, model, cfg, worker, storage), storage_url(storage or cfg.storage))
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
-    tracking.setup(tcfg)
-    tracking.use_experiment(dataset, tcfg)
+    _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
     val_metric = (params.get("train") or {}).get("val_metric", "NDCG@10")
     runs = Path(cfg.runs_dir) / dataset / model
 
@@ -132,10 +245,14 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
         dup = _duplicate(study, trial)
         if dup is not None:
             trial.set_user_attr("duplicate_of", dup.number)
+            # same run: if this trial ends up best, its run dir is the original's (kept, not deleted)
+            if dup.user_attrs.get("run_dir"):
+                trial.set_user_attr("run_dir", dup.user_attrs["run_dir"])
             return float(dup.value)
-        retried = RetryFailedTrialCallback.retried_trial_number(trial)
+        retried = retried_trial_number(study, trial)
         out = runs / f"trial-{retried if retried is not None else trial.number}"  # a retry resumes
-        p = apply_overrides(params, model, [f"{k}={json.dumps(v)}" for k, v in chosen.items()])
+        trial.set_user_attr("run_dir", str(out))  # now: the clean-up must find pruned / running trials' dirs
+        p = apply_overrides(params, model, overrides(chosen))
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                               tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
                                     "optuna.study": study.study_name, "optuna.trial": str(trial.number)}):

@@ -44,6 +44,7 @@ from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 REQUIRED = ("item_ids", "domains", "timestamps", "target_domain")
 DEFAULT_K = 10
 MAX_K = 1000
+CHUNK = 256  # requests scored per forward pass
 ITEM_COLUMNS = ["item_idx", "item_id", "domain_idx", "domain"]
 # distributions the logged model needs (the cdsr source itself travels as code_paths)
 REQUIREMENTS = ("torch", "numpy", "pandas", "polars", "pyarrow", "pyyaml", "cloudpickle", "mlflow")
@@ -133,7 +134,7 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
             if k is None or (isinstance(k, float) and math.isnan(k)):
                 k = DEFAULT_K
             if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer, float, np.floating)) \
-                    or float(k) != int(k) or not 1 <= int(k) <= MAX_K:
+                    or not math.isfinite(k) or float(k) != int(k) or not 1 <= int(k) <= MAX_K:
                 raise _bad(f"row {row}: k must be an integer in 1..{MAX_K}, got {k!r}")
             try:
                 ts = np.asarray(stamps, dtype=np.int64)
@@ -177,29 +178,34 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
                 out[torch.from_numpy(rows)] = self.nets[int(d)].score(self._batch(sub, targets[rows]), None).float()
             return out
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        histories, targets, ks, unknowns = self._parse(df)
-        if not histories:
-            return pd.DataFrame({"item_ids": [], "scores": [], "unknown_items": []})
+    def _topk(self, histories, targets: np.ndarray, ks: list[int]) -> tuple[list, list]:
         scores = self._scores(histories, targets)
         # keep only the target domain's columns, then one top-k for the whole batch
         cols = torch.arange(scores.shape[1])
         lo = torch.from_numpy(self.ranges[targets, 0])[:, None]
         hi = torch.from_numpy(self.ranges[targets, 1])[:, None]
-        in_domain = (cols[None] >= lo) & (cols[None] <= hi)
         sizes = (hi - lo + 1)[:, 0]
         top = min(max(ks), int(sizes.max()))
-        val, idx = scores.masked_fill(~in_domain, float("-inf")).topk(top, dim=1)
+        val, idx = scores.masked_fill((cols[None] < lo) | (cols[None] > hi), float("-inf")).topk(top, dim=1)
         out_ids, out_scores = [], []
         for b, k in enumerate(ks):
             n = min(k, int(sizes[b]))
             v = val[b, :n]
             if not torch.isfinite(v).all():
-                raise _bad(f"row {b}: the model gave non-finite scores "
-                           f"({'no known items in history' if len(histories[b][0]) == 0 else 'check the checkpoint'})")
+                why = "no known items in history" if len(histories[b][0]) == 0 else "check the checkpoint"
+                raise _bad(f"the model gave non-finite scores for a request ({why})")
             out_ids.append(self.item_id[idx[b, :n].numpy()].tolist())
             out_scores.append([float(x) for x in v.tolist()])
+        return out_ids, out_scores
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        histories, targets, ks, unknowns = self._parse(df)
+        out_ids, out_scores = [], []
+        for a in range(0, len(histories), CHUNK):  # bounds the [rows, n_items + 1] score matrix
+            ids, scores = self._topk(histories[a:a + CHUNK], targets[a:a + CHUNK], ks[a:a + CHUNK])
+            out_ids += ids
+            out_scores += scores
         return pd.DataFrame({"item_ids": out_ids, "scores": out_scores, "unknown_items": unknowns})
 
 

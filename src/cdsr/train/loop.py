@@ -102,6 +102,7 @@ class FitResult:
     stopped_early: bool
     train_seconds: float
     history: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)  # (epoch, step) where a killed run was resumed
 
 
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -152,7 +153,9 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         if device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"])
         state = ck["state"]
-        log.info("resumed from %s at epoch %d step %d", last, state["epoch"], state["step"])
+        if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:  # an unfinished run resumes
+            state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"]})
+            log.info("resumed from %s at epoch %d step %d", last, state["epoch"], state["step"])
 
     def checkpoint() -> None:
         ck = {"model": model.state_dict(), "optim": opt.state_dict(), "rng_cpu": torch.get_rng_state(), "state": state}
@@ -208,7 +211,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             on_epoch(epoch, record)
     (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
     return FitResult(best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],
-                     stopped_early=stopped, train_seconds=state["train_seconds"], history=state["history"])
+                     stopped_early=stopped, train_seconds=state["train_seconds"], history=state["history"],
+                     resumes=state.get("resumes", []))
 
 
 def load_best(model: SeqRecModel, run_dir: Path) -> SeqRecModel:

@@ -118,7 +118,8 @@ def fit_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_
         train_view = view if train_transform is None else train_transform(view)
         res = fit(net, train_view, train_cfg, seed, sub, eval_cfg, on_epoch=on_epoch, val_data=view)
         fits[name or "merged"] = {"best_epoch": res.best_epoch, "best_val": res.best_metric, "epochs_run": res.epochs_run,
-                                  "stopped_early": res.stopped_early, "train_seconds": round(res.train_seconds, 2)}
+                                  "stopped_early": res.stopped_early, "train_seconds": round(res.train_seconds, 2),
+                                  "resumes": res.resumes}
         history[name or "merged"] = res.history
     out = {"fit": fits, "history": history, "parameters": n_params}
     (out_dir / "fit.json").write_text(json.dumps(out, indent=1) + "\n")

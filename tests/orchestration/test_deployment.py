@@ -1,0 +1,249 @@
+"""The scheduled retrain deployment end to end, against a real local Prefect server.
+
+``prefect server start`` on 127.0.0.1 (a free port, its own home and database), then
+``python flows/retrain.py serve`` registers the cron deployment and runs its flow runs; the test
+triggers a run with ``prefect deployment run`` (as flows/retrain.py documents) and waits for it to
+complete: data refresh -> tune (a budget of 1 trial) -> benchmark -> promote, on a tiny synthetic
+dataset, every output in tmp_path (MLflow store, Optuna storage, runs, metrics, tuned values).
+The same server then takes ``prefect deploy --all`` (prefect.yaml, the work-pool variant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+SERVER_TIMEOUT = 120
+REGISTER_TIMEOUT = 120
+RUN_TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    if not path.exists():
+        return f"({path.name}: no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (the process and its children: uvicorn, flow-run subprocesses),
+    SIGKILL whatever is left after 15 s."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
+    proc.wait(timeout=15)
+
+
+def _base_env(tmp: Path) -> dict[str, str]:
+    """This environment without its Prefect/MLflow settings, offline, Prefect's home in tmp."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A Prefect server on 127.0.0.1:<free port> with its own database; yields (api_url, log)."""
+    tmp = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = {**_base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"}
+    log = tmp / "server.log"
+    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                   "--no-ui", "--analytics-off"], env, log)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server not healthy after {SERVER_TIMEOUT} s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield api, log
+    finally:
+        _stop(proc)
+
+
+def _tiny_params(tmp: Path) -> Path:
+    """params.yaml with a tiny 'tiny' dataset, one tiny model and every output under tmp."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tiny = json.loads(json.dumps(params["datasets"]["synthetic"]))
+    tiny["generator"].update(users=150, items_per_domain=120)
+    tiny["sources"] = [{"format": "ratings-csv-2014", "path": "{data_root}/tiny/raw/*.csv"},
+                       {"format": "amazon-review-json", "path": "{data_root}/tiny/raw/*.json.gz"}]
+    params["datasets"]["tiny"] = tiny
+    params["train"].update(progress=False, batch_size=64)
+    params["evaluate"].update(protocols=["full"], max_len=20)
+    params["models"]["sasrec"] = {"d": 16, "layers": 1, "heads": 1, "dropout": 0.1, "max_len": 20, "loss": "ce"}
+    params["benchmark"].update(methods=["sasrec"], epochs=1, max_workers=1, runs_dir=str(tmp / "runs" / "benchmark"),
+                               metrics_dir=str(tmp / "metrics"), plots_dir=str(tmp / "plots"),
+                               tuned_dir=str(tmp / "tuned"))
+    params["robustness"].update(p=[0.2], inference=["substitute"], train=[])
+    params["tune"].update(storage=f"sqlite:///{tmp / 'optuna.db'}", trials=1, epochs=1,
+                          runs_dir=str(tmp / "runs" / "tune"), tuned_dir=str(tmp / "tuned"),
+                          search_space={"sasrec": {"train.lr": {"low": 0.001, "high": 0.005, "log": True},
+                                                   "model.dropout": {"low": 0.0, "high": 0.3}}})
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _api(api: str, coro_fn):
+    """Run ``coro_fn(client)`` with a Prefect client on ``api``."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return asyncio.run(go())
+
+
+def test_retrain_deployment_runs_on_a_local_server(prefect_server, tmp_path):
+    from prefect.exceptions import ObjectNotFound
+
+    api, server_log = prefect_server
+    env = {**_base_env(tmp_path), "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the runner looks for due runs every second, not 10
+    params = _tiny_params(tmp_path)
+    data_root = tmp_path / "data"
+    name = f"retrain-test-{os.getpid()}"
+    # a daily schedule half a day away: the scheduler registers runs, none falls due during the test
+    cron = f"7 {(datetime.now(UTC).hour + 12) % 24} * * *"
+    serve_log = tmp_path / "serve.log"
+    serve = _start([sys.executable, "flows/retrain.py", "serve", "--dataset", "tiny", "--params", str(params),
+                    "--root", str(data_root), "--trials", "1", "--cron", cron, "--name", name], env, serve_log)
+    try:
+        try:
+            # 1. the runner registers the deployment with its cron schedule
+            deadline = time.monotonic() + REGISTER_TIMEOUT
+            while True:
+                assert serve.poll() is None, f"serve exited with {serve.returncode}"
+                try:
+                    dep = _api(api, lambda c: c.read_deployment_by_name(f"retrain/{name}"))
+                    break
+                except ObjectNotFound:
+                    pass
+                assert time.monotonic() < deadline, f"deployment retrain/{name} not registered in {REGISTER_TIMEOUT} s"
+                time.sleep(1)
+            assert [s.schedule.cron for s in dep.schedules] == [cron]
+            assert all(s.active for s in dep.schedules)
+            assert dep.parameters["dataset"] == "tiny" and dep.parameters["trials"] == 1
+            assert dep.parameters["params_path"] == str(params) and dep.parameters["data_root"] == str(data_root)
+
+            # 2. a run now, as flows/retrain.py documents: `prefect deployment run 'retrain/<name>'`
+            res = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"retrain/{name}"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=120, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
+            ids = UUID.findall(res.stdout)
+            assert ids, res.stdout
+            run_id = ids[-1]
+
+            # 3. the serving process picks it up and runs it to a final state
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while True:
+                fr = _api(api, lambda c: c.read_flow_run(run_id))
+                if fr.state is not None and fr.state.is_final():
+                    break
+                assert serve.poll() is None, f"serve exited with {serve.returncode} (run state {fr.state})"
+                assert time.monotonic() < deadline, f"flow run still {fr.state} after {RUN_TIMEOUT} s"
+                time.sleep(2)
+            assert fr.deployment_id == dep.id and fr.parameters == dep.parameters
+            assert fr.state.is_completed(), f"flow run ended {fr.state.type.value}: {fr.state.message}"
+
+            # 4. what the run did: data refreshed, 1 trial tuned, sasrec benchmarked and promoted
+            _check_outputs(tmp_path, data_root)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n--- serve log (last lines) ---\n{_tail(serve_log)}\n"
+                                 f"--- server log (last lines) ---\n{_tail(server_log)}") from exc
+    finally:
+        _stop(serve)
+
+
+def _check_outputs(tmp: Path, data_root: Path) -> None:
+    from mlflow import MlflowClient
+
+    assert (data_root / "tiny" / "processed" / "split.parquet").exists()
+    tuned = json.loads((tmp / "tuned" / "tiny" / "sasrec.json").read_text())
+    assert tuned["study"] == "tiny/sasrec"
+    assert tuned["trials"]["COMPLETE"] + tuned["trials"]["PRUNED"] == 1  # the budget: --trials 1
+    metrics = json.loads((tmp / "metrics" / "tiny" / "sasrec.json").read_text())
+    assert metrics["mlflow_run_id"] and list(metrics["protocols"]) == ["full"]
+    assert metrics["protocols"]["full"]["overall"]["n"] > 0 and metrics["robustness"]
+    decision = json.loads((tmp / "metrics" / "promotion" / "tiny.json").read_text())
+    assert decision["promoted"] is True and decision["decision"] == "promoted", decision
+    assert decision["registered_model"] == "cdsr-tiny" and decision["candidate_method"] == "sasrec"
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    champion = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("cdsr-tiny", "champion")
+    assert str(champion.version) == decision["candidate_version"]
+    assert champion.run_id == metrics["mlflow_run_id"] == decision["candidate_run_id"]
+    # nothing leaked into the project's own outputs
+    assert not (ROOT / "metrics" / "tiny").exists() and not (ROOT / "tuned" / "tiny").exists()
+
+
+def test_prefect_yaml_registers_the_same_schedule_on_a_work_pool(prefect_server, tmp_path):
+    """``prefect deploy --all`` (prefect.yaml) against the server: the retrain deployment on the
+    cdsr-local pool, with its nightly cron and the pull step into the project directory."""
+    api, server_log = prefect_server
+    env = {**_base_env(tmp_path), "PREFECT_API_URL": api, "CDSR_PROJECT_DIR": str(ROOT)}
+    for cmd in (["work-pool", "create", "cdsr-local", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        res = subprocess.run([str(BIN / "prefect"), *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=180, check=False)
+        assert res.returncode == 0, f"prefect {' '.join(cmd)}:\n{res.stdout}{res.stderr}\n{_tail(server_log)}"
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
+    dep = _api(api, lambda c: c.read_deployment_by_name(f"retrain/{spec['name']}"))
+    assert dep.entrypoint == "flows/retrain.py:retrain" and dep.work_pool_name == "cdsr-local"
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [("0 3 * * *", "UTC", True)]
+    assert dep.parameters == spec["parameters"] and dep.parameters["trials"] > 0  # tuning is part of the job
+    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
