@@ -43,6 +43,7 @@ from cdsr.models.registry import get_spec
 from cdsr.track import tracking
 from cdsr.train.run import (
     apply_overrides,
+    as_overrides,
     fit_run,
     hardware,
     load_run_models,
@@ -104,7 +105,7 @@ def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, me
     """params.yaml with the method's tuned values applied (``train.lr``, ``model.d``, ...)."""
     model, _ = parse_method(method)
     tuned = tuned_overrides(cfg, dataset, model)
-    return apply_overrides(params, model, [f"{k}={json.dumps(v)}" for k, v in tuned.items()])
+    return apply_overrides(params, model, as_overrides(tuned))
 
 
 def run_key(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_version: dict) -> str:
@@ -180,7 +181,7 @@ def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any],
     clean = rows[0]
     noisy = {}
     for kind in rc.train:
-        for prob in rc.p:
+        for prob in rc.train_levels:
             sub = Path(run) / f"train-noise-{kind}-p{prob}"
             seed = noise_seed(rc, kind, prob)
             if not (sub / "metrics.json").exists():

@@ -216,7 +216,7 @@ def tune(
     except ConfigError as exc:
         _fail(str(exc))
     for m, best in res.items():
-        typer.echo(f"{m}: best {best['value']:.4f} (trial {best['trial']}) {best['params']} -> tuned/{dataset}/{m}.json")
+        typer.echo(f"{m}: best {best['value']:.4f} (trial {best['trial']}) {best['params']} -> {best['path']}")
 
 
 @app.command("promote")

@@ -33,7 +33,7 @@ from typing import Any
 
 from cdsr.config import ConfigError, from_dict
 from cdsr.track import tracking
-from cdsr.train.run import apply_overrides, train_run
+from cdsr.train.run import apply_overrides, as_overrides, train_run
 
 
 @dataclass(frozen=True)
@@ -80,17 +80,6 @@ def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             raise ConfigError(f"tune.search_space.{key}: need 'choices' or 'low' and 'high', got {spec}")
     return out
-
-
-def overrides(values: dict[str, Any]) -> list[str]:
-    """``key=value`` strings for :func:`apply_overrides`, which parses values as YAML. Not JSON:
-    ``json.dumps(1e-06)`` is ``1e-06``, a *string* to PyYAML (its floats need a dot)."""
-    import yaml
-
-    def text(v: Any) -> str:
-        return yaml.safe_dump(v, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
-
-    return [f"{k}={text(v)}" for k, v in values.items()]
 
 
 def check_space(model: str, space: dict[str, dict[str, Any]]) -> None:
@@ -194,7 +183,12 @@ def _sqlite_lock(url: str):
         return
     path = str(Path(url[len("sqlite:///"):].split("?", 1)[0]).resolve())
     lock = Path(tempfile.gettempdir()) / f"cdsr-{hashlib.sha1(path.encode()).hexdigest()[:16]}.lock"
-    with open(lock, "a") as f:
+    try:
+        f = open(lock, "a")  # noqa: SIM115  (closed below)
+    except OSError:  # e.g. another user's lock file: go on unlocked (the caller retries)
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -252,10 +246,13 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
         retried = retried_trial_number(study, trial)
         out = runs / f"trial-{retried if retried is not None else trial.number}"  # a retry resumes
         trial.set_user_attr("run_dir", str(out))  # now: the clean-up must find pruned / running trials' dirs
-        p = apply_overrides(params, model, overrides(chosen))
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                              tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
-                                    "optuna.study": study.study_name, "optuna.trial": str(trial.number)}):
+        p = apply_overrides(params, model, as_overrides(chosen))
+        # not `with start_run()`: it ends a run left by an exception as FAILED, and a pruned trial did not fail
+        mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                         tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
+                               "optuna.study": study.study_name, "optuna.trial": str(trial.number)})
+        status = "FAILED"
+        try:
             mlflow.log_params(chosen)
 
             def on_epoch(epoch: int, record: dict) -> None:
@@ -273,8 +270,13 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
             value = float(m["validation"]["overall"][val_metric])
             mlflow.log_metric("val_metric", value)
             mlflow.set_tag("optuna.state", "COMPLETE")
-            trial.set_user_attr("run_dir", str(out))
+            status = "FINISHED"
             return value
+        except optuna.TrialPruned:
+            status = "KILLED"
+            raise
+        finally:
+            mlflow.end_run(status)
 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
@@ -310,4 +312,4 @@ def write_best(study, dataset: str, model: str, cfg: TuneConfig) -> dict[str, An
     dest = Path(cfg.tuned_dir) / dataset / f"{model}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(best, indent=2) + "\n")
-    return best
+    return {**best, "path": str(dest)}

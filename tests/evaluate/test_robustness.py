@@ -404,3 +404,15 @@ def test_end_to_end_with_sasrec(tiny_root):
             assert len(tr) == len(TrainDataset(clean, 20))
             out = net.loss(tr[np.arange(min(len(tr), 32))])
             assert torch.isfinite(out["loss"])
+
+
+def test_train_p_sets_the_training_noise_levels_only():
+    cfg = RobustnessConfig(p=[0.1, 0.2, 0.3], train=["substitute"], train_p=[0.2])
+    assert cfg.p == (0.1, 0.2, 0.3) and cfg.train_levels == (0.2,)
+    assert RobustnessConfig(p=[0.1, 0.3]).train_levels == (0.1, 0.3)
+    clean = {"NDCG@10": 0.5, "HR@10": 0.8, "MRR": 0.4}
+    rows = training_rows(clean, {("substitute", 0.2): {"NDCG@10": 0.25, "HR@10": 0.4, "MRR": 0.2}}, cfg)
+    assert [(r["kind"], r["p"]) for r in rows] == [("clean", 0.0), ("substitute", 0.2)]
+    assert rows[1]["rel_drop_NDCG@10"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="train_p"):
+        RobustnessConfig(train_p=[0.2, 1.5])

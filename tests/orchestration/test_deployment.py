@@ -11,22 +11,18 @@ The same server then takes ``prefect deploy --all`` (prefect.yaml, the work-pool
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port, start, stop, tail, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -35,39 +31,6 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 SERVER_TIMEOUT = 120
 REGISTER_TIMEOUT = 120
 RUN_TIMEOUT = 300
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    if not path.exists():
-        return f"({path.name}: no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as fh:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (the process and its children: uvicorn, flow-run subprocesses),
-    SIGKILL whatever is left after 15 s."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
-    proc.wait(timeout=15)
 
 
 def _base_env(tmp: Path) -> dict[str, str]:
@@ -88,29 +51,17 @@ def _base_env(tmp: Path) -> dict[str, str]:
 def prefect_server(tmp_path_factory):
     """A Prefect server on 127.0.0.1:<free port> with its own database; yields (api_url, log)."""
     tmp = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     env = {**_base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"}
     log = tmp / "server.log"
-    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                   "--no-ui", "--analytics-off"], env, log)
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                  "--no-ui", "--analytics-off"], env, log, cwd=ROOT)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {SERVER_TIMEOUT} s:\n{_tail(log)}")
-            time.sleep(0.5)
+        wait_http(f"{api}/health", proc, log, SERVER_TIMEOUT)
         yield api, log
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _tiny_params(tmp: Path) -> Path:
@@ -162,8 +113,8 @@ def test_retrain_deployment_runs_on_a_local_server(prefect_server, tmp_path):
     # a daily schedule half a day away: the scheduler registers runs, none falls due during the test
     cron = f"7 {(datetime.now(UTC).hour + 12) % 24} * * *"
     serve_log = tmp_path / "serve.log"
-    serve = _start([sys.executable, "flows/retrain.py", "serve", "--dataset", "tiny", "--params", str(params),
-                    "--root", str(data_root), "--trials", "1", "--cron", cron, "--name", name], env, serve_log)
+    serve = start([sys.executable, "flows/retrain.py", "serve", "--dataset", "tiny", "--params", str(params),
+                   "--root", str(data_root), "--trials", "1", "--cron", cron, "--name", name], env, serve_log, cwd=ROOT)
     try:
         try:
             # 1. the runner registers the deployment with its cron schedule
@@ -205,10 +156,10 @@ def test_retrain_deployment_runs_on_a_local_server(prefect_server, tmp_path):
             # 4. what the run did: data refreshed, 1 trial tuned, sasrec benchmarked and promoted
             _check_outputs(tmp_path, data_root)
         except Exception as exc:
-            raise AssertionError(f"{exc}\n--- serve log (last lines) ---\n{_tail(serve_log)}\n"
-                                 f"--- server log (last lines) ---\n{_tail(server_log)}") from exc
+            raise AssertionError(f"{exc}\n--- serve log (last lines) ---\n{tail(serve_log)}\n"
+                                 f"--- server log (last lines) ---\n{tail(server_log)}") from exc
     finally:
-        _stop(serve)
+        stop(serve)
 
 
 def _check_outputs(tmp: Path, data_root: Path) -> None:
@@ -240,7 +191,7 @@ def test_prefect_yaml_registers_the_same_schedule_on_a_work_pool(prefect_server,
     for cmd in (["work-pool", "create", "cdsr-local", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
         res = subprocess.run([str(BIN / "prefect"), *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=180, check=False)
-        assert res.returncode == 0, f"prefect {' '.join(cmd)}:\n{res.stdout}{res.stderr}\n{_tail(server_log)}"
+        assert res.returncode == 0, f"prefect {' '.join(cmd)}:\n{res.stdout}{res.stderr}\n{tail(server_log)}"
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
     dep = _api(api, lambda c: c.read_deployment_by_name(f"retrain/{spec['name']}"))
     assert dep.entrypoint == "flows/retrain.py:retrain" and dep.work_pool_name == "cdsr-local"

@@ -6,16 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port, start, stop, wait_http
 
 from cdsr.config import ConfigError, from_dict
 from cdsr.tune import TuneConfig, open_study, tune
@@ -108,7 +106,7 @@ def test_tune_writes_the_best_trial_logs_nested_runs_and_feeds_the_benchmark(tun
 
     # tuned/<dataset>/<model>.json is the study's best trial
     written = json.loads((tmp / "tuned" / "t" / "sasrec.json").read_text())
-    assert written == best
+    assert written == {k: v for k, v in best.items() if k != "path"}
     assert (written["trial"], written["value"], written["params"]) == (bt.number, bt.value, bt.params)
     assert written["study"] == "t/sasrec" and sum(written["trials"].values()) == 3
     assert set(bt.params) == {"train.lr", "model.dropout"}
@@ -138,6 +136,7 @@ def test_tune_writes_the_best_trial_logs_nested_runs_and_feeds_the_benchmark(tun
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.run_name == f"trial-{t.number}"
         assert run.data.tags["optuna.state"] == t.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[t.state.name]
         assert float(run.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])
         assert float(run.data.params["model.dropout"]) == t.params["model.dropout"]
         hist = client.get_metric_history(run.info.run_id, "val_NDCG_10")
@@ -167,7 +166,7 @@ def test_trials_is_the_study_total_across_calls(tuned, tiny_root):
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 4 and all(t.state.name in FINISHED for t in trials), states(study)
     assert best["trial"] == study.best_trial.number and best["trials"]["COMPLETE"] + best["trials"]["PRUNED"] == 4
-    assert json.loads((tmp / "tuned" / "t" / "sasrec.json").read_text()) == best
+    assert json.loads((tmp / "tuned" / "t" / "sasrec.json").read_text()) == {k: v for k, v in best.items() if k != "path"}
     runs = tmp / "runs" / "t" / "sasrec"
     assert sorted(p.name for p in runs.iterdir()) == [f"trial-{best['trial']}"]
     _, parents, children = mlflow_runs("tune1")
@@ -200,8 +199,8 @@ def test_median_pruner_prunes_and_duplicates_are_not_trained(tmp_path, tiny_root
     assert sorted(p.name for p in runs.iterdir()) == ["trial-0"]  # the pruned trial's run is deleted
 
     _, _, children = mlflow_runs("tune3")
-    tags = sorted((r.data.tags["optuna.trial"], r.data.tags["optuna.state"]) for r in children)
-    assert tags == [("0", "COMPLETE"), ("1", "PRUNED")]  # no run for the duplicate
+    tags = sorted((r.data.tags["optuna.trial"], r.data.tags["optuna.state"], r.info.status) for r in children)
+    assert tags == [("0", "COMPLETE", "FINISHED"), ("1", "PRUNED", "KILLED")]  # no run for the duplicate
 
 
 def test_search_space_errors_are_config_errors(tmp_path, tiny_root, mlflow_store):
@@ -224,16 +223,12 @@ def _prefect_server(tmp_path_factory):
     starts so that its start-up overlaps the in-process tests: each `cdsr tune` process then
     talks to it instead of starting a temporary server of its own (about 15 s each)."""
     home = tmp_path_factory.mktemp("prefect")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-ui", "--analytics-off"], env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                  "--no-ui", "--analytics-off"], env, log)
     try:
         yield {"url": f"http://127.0.0.1:{port}/api", "home": home, "proc": proc, "log": log}
     finally:
@@ -243,18 +238,8 @@ def _prefect_server(tmp_path_factory):
 @pytest.fixture
 def prefect_env(_prefect_server) -> dict[str, str]:
     """Environment for `cdsr tune` processes: the module's Prefect server, once it is healthy."""
-    url, proc, log = _prefect_server["url"], _prefect_server["proc"], _prefect_server["log"]
-    deadline = time.time() + 240
-    while True:
-        assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.time() < deadline, f"prefect server not healthy after 240 s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
+    url = _prefect_server["url"]
+    wait_http(f"{url}/health", _prefect_server["proc"], _prefect_server["log"], timeout=240)
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": url, "PREFECT_HOME": str(_prefect_server["home"])}
 
 
@@ -266,22 +251,19 @@ def write_params(tmp: Path, params: dict) -> Path:
 
 def start_cli(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """`cdsr tune` from the project root (it needs flows/ there), in its own process group."""
-    with log.open("w") as f:
-        return subprocess.Popen([str(CDSR), "tune", "--dataset", "t", "--model", "sasrec", *args], cwd=ROOT,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    return start([str(CDSR), "tune", "--dataset", "t", "--model", "sasrec", *args], env, log, cwd=ROOT)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group at once: no clean-up runs (a crashed worker)."""
+    stop(proc, grace=0)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     try:
         proc.wait(timeout=timeout)
     finally:
-        stop(proc)
+        kill(proc)
     return log.read_text()
 
 
@@ -298,7 +280,7 @@ def test_two_concurrent_workers_share_one_study(tmp_path, tiny_root, mlflow_stor
         outs = [finish(proc, log) for proc, log in zip(procs, logs)]
     finally:
         for proc in procs:
-            stop(proc)
+            kill(proc)
     for proc, out in zip(procs, outs):
         assert proc.returncode == 0, out
         assert "sasrec: best" in out
@@ -348,7 +330,7 @@ def test_killed_tune_resumes_and_retries_the_stale_trial_from_its_checkpoint(tmp
             assert time.time() < deadline, "no checkpoint after 300 s\n" + log.read_text()
             time.sleep(0.2)
     finally:
-        stop(proc)  # SIGKILL to the whole group: no clean-up runs
+        kill(proc)  # SIGKILL to the whole group: no clean-up runs
     study = load_study(params)
     assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["RUNNING"]
     done = torch.load(runs / "trial-0" / "last.pt", weights_only=True)["state"]["epoch"]  # epochs checkpointed

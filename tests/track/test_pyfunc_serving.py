@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +15,7 @@ import pandas as pd
 import polars as pl
 import pytest
 import torch
+from servers import free_port, start, stop, wait_http
 
 PARAMS = {"train": {"epochs": 2, "batch_size": 64, "progress": False, "device": "cpu"},
           "evaluate": {"protocols": ["full"], "max_len": 20},
@@ -206,12 +203,6 @@ def test_single_variant_uses_the_target_domains_model(tmp_path, tiny_root, store
 
 
 # -- the REST scoring server -------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: str | bytes) -> tuple[int, dict]:
     data = body.encode() if isinstance(body, str) else body
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
@@ -227,42 +218,21 @@ def server(champion, store, tmp_path_factory):
     """`mlflow models serve -m models:/cdsr-t@champion`, started as soon as the champion exists so
     that it boots (10-20 s) while the in-process tests run; only the HTTP test waits for it.
     Stopped by killing its process group."""
-    port = _free_port()
+    port = free_port()
     bindir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion",
+                  "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, log)
     try:
         yield proc, f"http://127.0.0.1:{port}", log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_until_up(proc: subprocess.Popen, base: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"server not up after {timeout} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.25)
+        stop(proc)
 
 
 def test_models_serve_over_http(server, catalogue):
     proc, base, log = server
-    _wait_until_up(proc, base, log)
+    wait_http(f"{base}/ping", proc, log, timeout=90, interval=0.25)
     _, _, ids, doms, ts = _history(catalogue, user=7, n=6)
     good = {"item_ids": ids + ["nope-3"], "domains": doms + ["Books"], "timestamps": ts + [ts[-1] + 1],
             "target_domain": "Books", "k": 4}

@@ -66,9 +66,16 @@ class RobustnessConfig:
     p: tuple[float, ...] = (0.1, 0.2, 0.3)
     inference: tuple[str, ...] = ("substitute", "insert", "domain_flip")  # inference-time noise kinds
     train: tuple[str, ...] = ("substitute",)  # training-time noise kinds (each needs a retrain per p)
+    # noise fractions of the training-time runs (one retrain each); None: the same as ``p``
+    train_p: tuple[float, ...] | None = None
     protocol: str = "full"  # evaluation protocol of the curves
     metrics: tuple[str, ...] = ("NDCG@10", "HR@10", "MRR")
     seed: int = 0
+
+    @property
+    def train_levels(self) -> tuple[float, ...]:
+        """The p values of the training-time runs."""
+        return self.p if self.train_p is None else self.train_p
 
     def __post_init__(self) -> None:
         for name in ("p", "inference", "train", "metrics"):
@@ -77,6 +84,12 @@ class RobustnessConfig:
         if bad_p:
             raise ValueError(f"robustness.p: noise fractions must lie strictly between 0 and 1, got {bad_p}")
         object.__setattr__(self, "p", tuple(float(p) for p in self.p))
+        if self.train_p is not None:
+            tp = _as_tuple("train_p", self.train_p)
+            if not all(not isinstance(p, bool) and isinstance(p, (int, float)) and 0 < p < 1 for p in tp) \
+                    or len(set(tp)) != len(tp):
+                raise ValueError(f"robustness.train_p: distinct fractions strictly between 0 and 1, got {list(tp)}")
+            object.__setattr__(self, "train_p", tuple(float(p) for p in tp))
         if len(set(self.p)) != len(self.p):
             raise ValueError(f"robustness.p: duplicate fractions in {list(self.p)}")
         for name in ("inference", "train"):
@@ -256,9 +269,9 @@ def training_rows(clean: dict[str, float], noisy: dict[tuple[str, float], dict[s
     of the model trained on ``perturb(data, kind, p, noise_seed(cfg, kind, p), scope="train")``,
     for every kind of ``cfg.train`` and p of ``cfg.p``.
     """
-    missing = [(k, p) for k in cfg.train for p in cfg.p if (k, p) not in noisy]
+    missing = [(k, p) for k in cfg.train for p in cfg.train_levels if (k, p) not in noisy]
     if missing:
         raise KeyError(f"training-noise results missing for {missing}")
     rows = [_row("train", "clean", 0.0, clean, clean, cfg)]
-    rows += [_row("train", k, p, clean, noisy[(k, p)], cfg) for k in cfg.train for p in cfg.p]
+    rows += [_row("train", k, p, clean, noisy[(k, p)], cfg) for k in cfg.train for p in cfg.train_levels]
     return rows

@@ -1,0 +1,69 @@
+"""Subprocess servers for tests: a free port, start in a process group of its own, wait for an
+HTTP health URL, stop the whole group, and the tail of its log for failure messages.
+
+Imported as ``from servers import ...`` (tests/ is on sys.path, as for ``helpers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 60) -> str:
+    """The last ``n`` lines of the log at ``path`` (a note when there is none)."""
+    if not path.exists():
+        return f"({path.name}: no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def start(cmd: Sequence[str], env: Mapping[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (its own process group, so that :func:`stop` reaches its
+    children too), stdin from /dev/null, stdout and stderr together into ``log``."""
+    with log.open("wb") as fh:  # the child keeps its own descriptor
+        return subprocess.Popen(list(cmd), cwd=cwd, env=dict(env), stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Stop ``proc``'s process group: SIGTERM, up to ``grace`` seconds for it to exit, then SIGKILL
+    to whatever is left (children that outlived their parent too). ``grace=0`` kills at once,
+    leaving the processes no chance to clean up."""
+    if proc.poll() is None and grace > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, interval: float = 0.5) -> None:
+    """Poll ``url`` every ``interval`` seconds until it answers HTTP 200. Fails (AssertionError,
+    with the tail of ``log``) if ``proc`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode} before {url} answered:\n{tail(log)}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused, reset, timed out, or an HTTP error status (URLError is an OSError)
+            pass
+        assert time.monotonic() < deadline, f"{url} not answering 200 after {timeout} s:\n{tail(log)}"
+        time.sleep(interval)
