@@ -7,8 +7,8 @@ domain).
 Where things go (all paths relative to the project root):
 - ``runs/benchmark/<dataset>/<method>/<key>/``: the run directory (checkpoints, ``metrics.json``,
   ``robustness.json``, ``tracking.json``). ``<key>`` hashes everything that defines the run
-  (resolved configs, seed, data version), so a rerun with the same inputs resumes or reuses it
-  and a changed input starts afresh. It is not a DVC output: DVC deletes outputs before it reruns
+  (resolved configs, seed, data version, a hash of the model/train/evaluate sources), so a rerun
+  with the same inputs resumes or reuses it and a changed input starts afresh. It is not a DVC output: DVC deletes outputs before it reruns
   a stage, and a killed benchmark must resume from its checkpoints.
 - ``metrics/<dataset>/<method>.json``: the DVC metrics (``cdsr train``'s metrics.json shape plus
   ``robustness``, ``data_version``, ``mlflow_run_id``, ``git_commit``).
@@ -108,6 +108,20 @@ def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, me
     return apply_overrides(params, model, as_overrides(tuned))
 
 
+CODE = ("models", "train", "evaluate", "data/loaders.py", "benchmark.py")  # what a run's results depend on
+
+
+def code_version() -> str:
+    """Hash of the package sources a run's results depend on: changed code never reuses a run."""
+    pkg = Path(__file__).parent
+    h = hashlib.sha256()
+    for part in CODE:
+        for f in sorted((pkg / part).rglob("*.py")) if (pkg / part).is_dir() else [pkg / part]:
+            h.update(str(f.relative_to(pkg)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def run_key(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_version: dict) -> str:
     model, variant = parse_method(method)
     train, ev, mcfg = resolve(params, model, variant, cfg.epochs)
@@ -115,6 +129,7 @@ def run_key(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: 
     rob = robustness_config(params) if cfg.robustness else None
     blob = json.dumps({"train": dataclasses.asdict(train), "evaluate": dataclasses.asdict(ev),
                        "model": dataclasses.asdict(mcfg), "seed": cfg.seed, "data": data_version,
+                       "code": code_version(),
                        "robustness": dataclasses.asdict(rob) if rob else None}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

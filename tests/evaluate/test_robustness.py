@@ -65,7 +65,9 @@ def positions(data: SplitData) -> tuple[np.ndarray, np.ndarray]:
 def eligible(data: SplitData, scope: str) -> np.ndarray:
     user, pos = positions(data)
     ok = pos < data.train_ends()[user] if scope == "train" else np.ones(len(pos), bool)
-    g = data.offsets[data.targets["user_idx"].to_numpy()] + data.targets["pos"].to_numpy()
+    # history scope: the validation target is part of the test history, only test targets are spared
+    t = data.targets if scope == "train" else data.targets.filter(pl.col("split") == "test")
+    g = data.offsets[t["user_idx"].to_numpy()] + t["pos"].to_numpy()
     ok[g] = False
     return ok
 
@@ -104,6 +106,8 @@ def test_targets_untouched(kind, scope, which, request):
     t0, t1 = clean.targets, noisy.targets
     assert t1.select("user_idx", "split", "item_idx", "domain_idx").equals(
         t0.select("user_idx", "split", "item_idx", "domain_idx"))
+    if scope == "history":  # only the test targets are spared (the validation target is test history)
+        t0, t1 = (t.filter(pl.col("split") == "test") for t in (t0, t1))
     g0 = clean.offsets[t0["user_idx"].to_numpy()] + t0["pos"].to_numpy()
     g1 = noisy.offsets[t1["user_idx"].to_numpy()] + t1["pos"].to_numpy()
     for f in ("items", "domains", "timestamps"):
@@ -216,13 +220,16 @@ def test_insert_before_first_event_and_explicit_remap():
                       targets=pl.DataFrame({"user_idx": [0, 0], "split": ["valid", "test"], "pos": [3, 4],
                                             "item_idx": [42, 101], "domain_idx": [1, 2]}),
                       negatives=None, domain_ranges=RANGES, domain_names=NAMES)
-    noisy = perturb(clean, "insert", 1.0, seed=0, scope="history")  # p = 1: before each of a, b, c
-    np.testing.assert_array_equal(noisy.domains, [0, 0, 0, 0, 1, 1, 1, 2])
-    np.testing.assert_array_equal(noisy.timestamps, [10, 10, 20, 20, 30, 30, 40, 50])
-    np.testing.assert_array_equal(noisy.items[[1, 3, 5, 6, 7]], [1, 2, 41, 42, 101])
-    np.testing.assert_array_equal(noisy.offsets, [0, 8])
-    assert noisy.targets["pos"].to_list() == [6, 7]
+    noisy = perturb(clean, "insert", 1.0, seed=0, scope="history")  # p = 1: before each of a, b, c, V
+    np.testing.assert_array_equal(noisy.domains, [0, 0, 0, 0, 1, 1, 1, 1, 2])
+    np.testing.assert_array_equal(noisy.timestamps, [10, 10, 20, 20, 30, 30, 40, 40, 50])
+    np.testing.assert_array_equal(noisy.items[[1, 3, 5, 7, 8]], [1, 2, 41, 42, 101])
+    np.testing.assert_array_equal(noisy.offsets, [0, 9])
+    assert noisy.targets["pos"].to_list() == [7, 8]
     np.testing.assert_array_equal(noisy.train_end, [6])
+    trained = perturb(clean, "insert", 1.0, seed=0, scope="train")  # only the prefix a, b, c
+    np.testing.assert_array_equal(trained.items[[1, 3, 5, 6, 7]], [1, 2, 41, 42, 101])
+    assert trained.targets["pos"].to_list() == [6, 7]
     assert perturb(clean, "insert", 0.0, seed=0).items.tolist() == clean.items.tolist()
 
 
@@ -395,11 +402,11 @@ def test_end_to_end_with_sasrec(tiny_root):
         assert ((res.ranks >= 1) & (res.ranks <= res.n_candidates)).all()
         if kind == "insert":  # histories grew
             assert int(res.hist_len.sum()) > int(rank_targets(net, clean, "test", "full", ecfg).hist_len.sum())
-        ev = EvalDataset(noisy, "valid", 20, n_negatives=100)
-        batch = ev[np.arange(len(ev))]
-        valid = clean.targets.filter(pl.col("split") == "valid").sort("user_idx")
-        np.testing.assert_array_equal(batch["target"].numpy(), valid["item_idx"].to_numpy())
-        if scope == "train":
+        if scope == "train":  # validation stays clean under training-time noise
+            ev = EvalDataset(noisy, "valid", 20, n_negatives=100)
+            batch = ev[np.arange(len(ev))]
+            valid = clean.targets.filter(pl.col("split") == "valid").sort("user_idx")
+            np.testing.assert_array_equal(batch["target"].numpy(), valid["item_idx"].to_numpy())
             tr = TrainDataset(noisy, 20)
             assert len(tr) == len(TrainDataset(clean, 20))
             out = net.loss(tr[np.arange(min(len(tr), 32))])

@@ -8,9 +8,9 @@ Three kinds of seeded, reproducible corruption of a built split (:class:`SplitDa
 
 and two places to apply them:
 
-* inference-time noise (``scope="history"``): every event except the evaluation targets (the
-  events at the valid and test target positions) may be corrupted; the *clean* model is evaluated
-  on the test split of the noisy data. :func:`inference_curves` sweeps ``p`` per kind and reports
+* inference-time noise (``scope="history"``): every event except the test targets may be
+  corrupted, the validation target included (it is the most recent event of the test history);
+  the *clean* model is evaluated on the test split of the noisy data. :func:`inference_curves` sweeps ``p`` per kind and reports
   each metric together with its relative drop against the clean evaluation.
 * training-time noise (``scope="train"``): only events inside each user's training prefix may be
   corrupted; a model is trained on the noisy data and evaluated on the clean data (the retrains
@@ -119,10 +119,12 @@ def noise_seed(cfg: RobustnessConfig, kind: str, p: float) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))  # a non-negative int63
 
 
-def _target_index(data: SplitData) -> np.ndarray:
-    """Global flat index of every target row's event (row order of ``data.targets``)."""
-    user = data.targets["user_idx"].to_numpy().astype(np.int64)
-    pos = data.targets["pos"].to_numpy().astype(np.int64)
+def _target_index(data: SplitData, split: str | None = None) -> np.ndarray:
+    """Global flat index of every target row's event (row order of ``data.targets``), or of the
+    rows of one ``split`` only."""
+    t = data.targets if split is None else data.targets.filter(pl.col("split") == split)
+    user = t["user_idx"].to_numpy().astype(np.int64)
+    pos = t["pos"].to_numpy().astype(np.int64)
     lens = np.diff(data.offsets)
     bad = (pos < 0) | (pos >= lens[user])
     if bad.any():
@@ -131,7 +133,9 @@ def _target_index(data: SplitData) -> np.ndarray:
 
 
 def _eligible(data: SplitData, scope: str) -> np.ndarray:
-    """[E] bool: events that noise may touch (never a target event)."""
+    """[E] bool: events that noise may touch. ``history``: all but the test targets (the
+    validation target is the most recent event of the test history, and the most informative one:
+    sparing it would hide most of the noise); ``train``: the training prefixes."""
     n = len(data.items)
     lens = np.diff(data.offsets)
     ok = np.ones(n, dtype=bool)
@@ -139,15 +143,16 @@ def _eligible(data: SplitData, scope: str) -> np.ndarray:
         user = np.repeat(np.arange(len(lens)), lens)
         pos = np.arange(n) - np.repeat(data.offsets[:-1], lens)
         ok = pos < data.train_ends()[user]
-    ok[_target_index(data)] = False
+    ok[_target_index(data, "test" if scope == "history" else None)] = False
     return ok
 
 
 def perturb(data: SplitData, kind: str, p: float, seed: int, scope: str = "history") -> SplitData:
     """Return a NEW SplitData (the input is not modified) with noise ``kind`` at rate ``p``.
 
-    scope="history": every event except the evaluation targets (events at the valid and test
-    target positions) is eligible: inference-time noise (evaluate a clean model on the test split).
+    scope="history": every event except the test targets is eligible (the validation target is
+    part of the test history): inference-time noise; evaluate a clean model on the result's
+    *test* split (its validation targets may be corrupted).
     scope="train": only events inside each user's training prefix (positions < ``train_ends()``)
     are eligible: train a model on the result, evaluate on the clean data.
 
