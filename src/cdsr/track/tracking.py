@@ -75,11 +75,12 @@ def use_experiment(dataset: str, cfg: TrackingConfig | None = None) -> str:
 
 
 def git_commit(root: str | Path = ".") -> str:
-    """HEAD commit (with ``-dirty`` when tracked files changed), or ``unknown`` outside git."""
+    """HEAD commit (with ``-dirty`` when tracked files changed; dvc.lock, which `dvc repro` itself
+    rewrites, does not count), or ``unknown`` outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, check=False,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"], cwd=root, check=False,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
