@@ -174,6 +174,7 @@ def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], ou
               data: SplitData | None = None) -> dict[str, Any]:
     """:func:`fit_run` then :func:`score_run`; writes and returns ``metrics.json``."""
     t0 = time.time()
+    resolve(params, model, variant, epochs)  # a config error is reported before any data is read
     data = data if data is not None else load_split(dataset, data_root)
     fitted = fit_run(dataset, model, variant, params, out_dir, seed, epochs, data_root, on_epoch, train_transform, data)
     scored = score_run(out_dir, data)
