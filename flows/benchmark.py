@@ -83,7 +83,7 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
             try:
                 fut.result()
             except Exception as exc:  # noqa: BLE001 -- one failure is reported, the others are kept
-                results[m] = {"ok": False, "error": f"{fut.task_run_id and type(exc).__name__}: {exc}"}
+                results[m] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 break
     failed = {m: r["error"] for m, r in results.items() if not r["ok"]}
     if failed and cfg.fail_on_error:

@@ -188,11 +188,7 @@ def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any],
     ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
     data = load_split(dataset, data_root)
 
-    def evaluate_fn(d) -> dict[str, float]:
-        models = load_run_models(Path(run), d)
-        return summarise(rank_run(models, "test", rc.protocol, ev), d.domain_names, ev)["overall"]
-
-    rows = inference_curves(evaluate_fn, data, rc)
+    rows = inference_curves(lambda d: overall_test_metrics(Path(run), d, rc.protocol, ev), data, rc)
     clean = rows[0]
     noisy = {}
     for kind in rc.train:
@@ -202,13 +198,14 @@ def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any],
             if not (sub / "metrics.json").exists():
                 train_run(dataset, model, variant, p, sub, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
                           data=data, train_transform=lambda v, k=kind, q=prob, s=seed: perturb(v, k, q, s, scope="train"))
-            noisy[(kind, prob)] = evaluate_fn_for(sub, data, rc.protocol, ev)
+            noisy[(kind, prob)] = overall_test_metrics(sub, data, rc.protocol, ev)
     rows += training_rows({m: clean[m] for m in rc.metrics}, noisy, rc)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
-def evaluate_fn_for(run: Path, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
+def overall_test_metrics(run: Path, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
+    """Overall test metrics of a trained run's best checkpoint(s) on ``data`` (possibly noisy)."""
     return summarise(rank_run(load_run_models(run, data), "test", protocol, ev), data.domain_names, ev)["overall"]
 
 
