@@ -19,7 +19,7 @@ def make_batch(B: int = 4, L: int = 12, seed: int = 0, lengths=(12, 7, 3, 10)) -
     ev_item = torch.randint(0, 30, (B, L + 1), generator=g) + 1 + 30 * ev_dom
     ev_ts = torch.cumsum(torch.randint(1, 100_000, (B, L + 1), generator=g), 1) + 1_600_000_000
     mask = torch.arange(L)[None, :] >= L - torch.tensor(lengths)[:B, None]
-    z = lambda t: torch.where(mask, t, torch.zeros_like(t))  # noqa: E731
+    z = lambda t: torch.where(mask, t, torch.zeros_like(t))
     return {
         "items": z(ev_item[:, :-1]), "domains": z(ev_dom[:, :-1]), "timestamps": z(ev_ts[:, :-1]),
         "mask": mask, "targets": z(ev_item[:, 1:]), "target_domains": z(ev_dom[:, 1:]),

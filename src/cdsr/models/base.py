@@ -9,7 +9,8 @@ A model is an ``nn.Module`` built from its config dataclass and the dataset's :c
   means every item: the result is then ``[B, n_items + 1]`` (column = item id, column 0 is
   padding) and the evaluation keeps the columns of the target domain (or all, ``full-all``).
 - optional ``aux_objectives(batch) -> dict[str, Tensor]`` for strategies that need several
-  losses kept apart (AutoCDSR's Pareto step).
+  losses kept apart (AutoCDSR's Pareto step), with ``shared_parameters()`` (the parameters the
+  strategy balances the objectives' gradients on) and ``train_strategy`` (see below).
 
 Batches come from ``cdsr.data.loaders``: ``items, domains, timestamps, mask [B, L]`` (right
 aligned, 0 = padding), ``target_domain [B]`` (the requested domain: known at serving time), and
@@ -39,12 +40,16 @@ class Vocab:
         return len(self.domain_ranges)
 
     @classmethod
-    def from_ranges(cls, ranges: np.ndarray, names: list[str] | tuple[str, ...] = ()) -> "Vocab":
+    def from_ranges(cls, ranges: np.ndarray, names: list[str] | tuple[str, ...] = ()) -> Vocab:
         return cls(int(ranges[:, 1].max()), tuple((int(a), int(b)) for a, b in ranges), tuple(names))
 
 
 class SeqRecModel(nn.Module):
     """Base class: subclasses implement ``loss`` and ``score``."""
+
+    # The training strategy this model asks for (a key of cdsr.train.loop.STRATEGIES, e.g.
+    # "pareto" for AutoCDSR); None: the loop's configured default ("standard").
+    train_strategy: str | None = None
 
     def __init__(self, vocab: Vocab):
         super().__init__()

@@ -53,16 +53,19 @@ class BERT4Rec(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
-        """items/domains/mask [B, L'] (L' <= max_len + 1) -> (h [B, L', d], probs). Bidirectional."""
+    def embed(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder input [B, L', d]: item * sqrt(d) + right-aligned position (+ domain), dropout."""
         L = items.shape[1]
         if L > self.cfg.max_len + 1:
             raise ValueError(f"sequence length {L} > max_len + 1 = {self.cfg.max_len + 1}")
         x = self.item_emb(items) * math.sqrt(self.cfg.d) + self.pos_emb.weight[-L:][None]
         if self.dom_emb is not None:
             x = x + self.dom_emb(domains)
-        x = self.drop(x) * mask[..., None]
-        h, probs = self.encoder(x, attention_mask(mask, causal=False), need_probs)
+        return self.drop(x) * mask[..., None]
+
+    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+        """items/domains/mask [B, L'] (L' <= max_len + 1) -> (h [B, L', d], probs). Bidirectional."""
+        h, probs = self.encoder(self.embed(items, domains, mask), attention_mask(mask, causal=False), need_probs)
         return self.head(h), probs
 
     def cloze(self, batch: dict[str, torch.Tensor]):

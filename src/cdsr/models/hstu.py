@@ -114,7 +114,7 @@ class HSTULayer(nn.Module):
         B, L, d = x.shape
         hv, hq = self.h * self.dv, self.h * self.dqk
         u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (d,)))).split([hv, hv, hq, hq], dim=-1)
-        heads = lambda z, e: z.reshape(B, L, self.h, e).transpose(1, 2)  # noqa: E731
+        heads = lambda z, e: z.reshape(B, L, self.h, e).transpose(1, 2)
         av = self.attention(heads(q, self.dqk), heads(k, self.dqk), heads(v, self.dv), rab, mask, norm)
         y = u * F.layer_norm(av, (hv,))  # LayerNorm over the concatenated heads, no affine
         return x + self.o(self.drop(y))
@@ -153,7 +153,7 @@ class HSTU(SeqRecModel):
         """h [B, L, d]: the output of every position (position i sees events <= i only, plus the
         timestamp t_{i+1} through the time bias)."""
         items, valid = batch["items"], batch["mask"].bool()
-        B, L = items.shape
+        _, L = items.shape
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # NOTE: 0 = oldest valid event

@@ -108,3 +108,18 @@ def domain_softmax_loss(h: torch.Tensor, targets: torch.Tensor, target_domains: 
             logits = logits + bias[lo : hi + 1]
         total = total + F.cross_entropy(logits, targets[sel] - lo, reduction="sum")
     return total / max(int(targets.numel()), 1)
+
+
+def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """AutoCDSR's L_cd (METHODS.md): the attention mass that valid queries put on valid keys of
+    another domain, averaged over valid queries, heads and layers.
+
+    probs: per layer [B, h, L, L] (after softmax, before dropout, under the model's own mask);
+    domains / valid [B, L]. For query i: c_i = sum_j [valid_j and dom_j != dom_i] P_ij. Returns a
+    scalar (0 when no valid query exists). Differentiable in ``probs``.
+    """
+    cross = ((domains[:, :, None] != domains[:, None, :]) & valid[:, None, :]).unsqueeze(1)  # [B, 1, Lq, Lk]
+    q = valid.float()
+    # float32 elementwise product + sum (not autocast-lowered), so bf16 probs lose no precision
+    total = sum(((p.float() * cross).sum(-1).sum(1) * q).sum() for p in probs)
+    return total / (q.sum() * probs[0].shape[1] * len(probs)).clamp_min(1)

@@ -7,6 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdsr.config import from_dict
+from cdsr.models.autocdsr import (
+    AutoCDSRBERT4Rec,
+    AutoCDSRBERT4RecConfig,
+    AutoCDSRPlus,
+    AutoCDSRPlusConfig,
+    AutoCDSRSASRec,
+    AutoCDSRSASRecConfig,
+)
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.bert4rec import BERT4Rec, BERT4RecConfig
 from cdsr.models.hstu import HSTU, HSTUConfig
@@ -28,6 +36,12 @@ MODELS: dict[str, ModelSpec] = {
                           "BERT4Rec (Sun et al. 2019): bidirectional Cloze training, [MASK] scoring"),
     "hstu": ModelSpec(HSTU, HSTUConfig, ("merged", "single"),
                       "HSTU (Zhai et al. 2024): pointwise SiLU attention, rel. position + time bias, sampled softmax"),
+    "autocdsr_sasrec": ModelSpec(AutoCDSRSASRec, AutoCDSRSASRecConfig, ("merged",),
+                                 "AutoCDSR (KDD 2025) on SASRec: cross-domain attention mass, Pareto (MGDA) step"),
+    "autocdsr_bert4rec": ModelSpec(AutoCDSRBERT4Rec, AutoCDSRBERT4RecConfig, ("merged",),
+                                   "AutoCDSR (KDD 2025) on BERT4Rec: cross-domain attention mass, Pareto (MGDA) step"),
+    "autocdsr_plus": ModelSpec(AutoCDSRPlus, AutoCDSRPlusConfig, ("merged",),
+                               "AutoCDSR+ (KDD 2025) on BERT4Rec: per-domain IB tokens carry all cross-domain attention"),
 }
 
 

@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss, sample_domain_negatives
+from cdsr.models.layers import (
+    Encoder,
+    attention_mask,
+    domain_softmax_loss,
+    sample_domain_negatives,
+)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch.utils.data import BatchSampler, RandomSampler
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from cdsr.data.loaders import SplitData, TrainDataset
 from cdsr.evaluate.protocols import EvalConfig, rank_targets, summarise
 from cdsr.models.base import SeqRecModel
+from cdsr.train.pareto import ParetoConfig, ParetoStrategy
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ class TrainConfig:
     val_protocol: str = "full"
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
-    strategy: str = "standard"
+    strategy: str = "standard"  # used unless the model names one (``model.train_strategy``)
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)  # the "pareto" strategy (AutoCDSR)
     amp: bool = True  # bf16 autocast on CUDA only
     device: str = "auto"
     progress: bool = True
@@ -87,7 +90,18 @@ class StandardStrategy:
         return {k: float(v.detach()) for k, v in out.items()}
 
 
-STRATEGIES: dict[str, Callable[[], Strategy]] = {"standard": StandardStrategy}
+STRATEGIES: dict[str, Callable[[], Strategy]] = {"standard": StandardStrategy, "pareto": ParetoStrategy}
+
+
+def select_strategy(model: SeqRecModel, cfg: TrainConfig, strategy: Strategy | None = None) -> Strategy:
+    """The ``strategy`` given, else the one the model names (``model.train_strategy``), else ``cfg.strategy``."""
+    if strategy is not None:
+        return strategy
+    name = getattr(model, "train_strategy", None)
+    name = cfg.strategy if name is None else name
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown training strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]()
 
 
 class TrainingInterrupted(RuntimeError):
@@ -132,7 +146,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
     device = pick_device(cfg.device)
     model.to(device)
     eval_cfg = eval_cfg or EvalConfig(protocols=[cfg.val_protocol])
-    strategy = strategy or STRATEGIES[cfg.strategy]()
+    strategy = select_strategy(model, cfg, strategy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
 
@@ -170,7 +184,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         epoch = state["epoch"]
         order = _batch_order(len(ds), cfg.batch_size, seed, epoch)
         model.train()
-        t0, seen, loss_sum, n_steps = time.time(), 0, 0.0, 0
+        t0, seen, n_steps = time.time(), 0, 0
+        sums: dict[str, float] = {}  # every scalar the strategy reports (loss, aux terms, pareto_ratio)
         bar = tqdm(order[state["step"]:], desc=f"epoch {epoch}", leave=False,
                    disable=not (cfg.progress and sys.stderr.isatty()))  # no \r spam in logs
         for idx in bar:
@@ -180,7 +195,8 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             global_step += 1
             seen += len(idx)
             n_steps += 1
-            loss_sum += stats["loss"]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{stats['loss']:.4f}", seq_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
             if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < len(order):
                 state["train_seconds"] += time.time() - t0
@@ -190,7 +206,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
                 on_step(global_step)
         state["train_seconds"] += time.time() - t0
         # mean over the steps this process ran (after a mid-epoch resume: the rest of the epoch)
-        record = {"epoch": epoch, "loss": loss_sum / max(n_steps, 1)}
+        record = {"epoch": epoch, "loss": float("nan"), **{k: v / max(n_steps, 1) for k, v in sums.items()}}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             val = summarise(rank_targets(model, val_data, "valid", cfg.val_protocol, eval_cfg, device),
                             val_data.domain_names, eval_cfg)["overall"]
