@@ -151,7 +151,10 @@ class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
         sel = labels > 0
         rec = domain_softmax_loss(h[sel], labels[sel], domains[sel], self.item_emb.weight,
                                   self.vocab.domain_ranges, bias=self.out_bias)
-        return rec, cross_domain_attention_mass(probs, domains, mask)
+        return rec, self._aux_mass(probs, domains, mask)
+
+    def _aux_mass(self, probs, domains, mask):
+        return cross_domain_attention_mass(probs, domains, mask)
 
 
 class AutoCDSRPlus(AutoCDSRBERT4Rec):
@@ -205,10 +208,6 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
         h = self.encoder.ln(x)
         return self.head(h[:, self.n_ib:]), probs
 
-    def _objectives(self, batch):
-        items, domains, mask, labels = self.cloze(batch)
-        h, probs = self.encode(items, domains, mask, need_probs=True)
-        sel = labels > 0
-        rec = domain_softmax_loss(h[sel], labels[sel], domains[sel], self.item_emb.weight,
-                                  self.vocab.domain_ranges, bias=self.out_bias)
-        return rec, ib_attention_mass(probs, self.n_ib, mask)
+    def _aux_mass(self, probs, domains, mask):
+        """AutoCDSR+'s objective: the attention mass of item queries onto the IB tokens."""
+        return ib_attention_mass(probs, self.n_ib, mask)
