@@ -63,9 +63,7 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
     import mlflow
 
     params = load_params(params_path)
-    cfg = from_dict(bm.BenchmarkConfig, params.get("benchmark"), "benchmark")
-    if methods:
-        cfg = bm.dataclasses.replace(cfg, methods=list(methods))
+    cfg = bm.benchmark_config(params, methods)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // bm.workers(cfg)))
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
     tracking.setup(tcfg)
@@ -94,9 +92,7 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
 def run_benchmark(dataset: str, params_path: str | None = None, data_root: str = "data",
                   methods: list[str] | None = None, command: str = "cdsr benchmark") -> dict[str, dict]:
     """Run the flow with a thread pool of ``benchmark.max_workers`` branches."""
-    cfg = from_dict(bm.BenchmarkConfig, load_params(params_path).get("benchmark"), "benchmark")
-    if methods:
-        cfg = bm.dataclasses.replace(cfg, methods=list(methods))
+    cfg = bm.benchmark_config(load_params(params_path), methods)
     runner = ThreadPoolTaskRunner(max_workers=bm.workers(cfg))
     return benchmark.with_options(task_runner=runner)(dataset, params_path, data_root, methods, command)
 

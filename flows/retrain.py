@@ -47,8 +47,8 @@ def retrain(dataset: str = "synthetic", params_path: str | None = None, data_roo
 def _pipeline(dataset: str, params_path: str | None, data_root: str, trials: int, methods: list[str] | None) -> dict:
     data = data_build([dataset], params_path=params_path, data_root=data_root)
     params = load_params(params_path)
-    cfg = from_dict(bm.BenchmarkConfig, params.get("benchmark"), "benchmark")
-    chosen = list(methods or cfg.methods)
+    cfg = bm.benchmark_config(params, methods)
+    chosen = cfg.methods
     tuned = {}
     if trials > 0:
         models = sorted({bm.parse_method(m)[0] for m in chosen if bm.parse_method(m)[1] == "merged"})

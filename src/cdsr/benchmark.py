@@ -78,6 +78,12 @@ class BenchmarkConfig:
             parse_method(m)
 
 
+def benchmark_config(params: dict[str, Any], methods: list[str] | None = None) -> BenchmarkConfig:
+    """The ``benchmark:`` section, with ``methods`` (e.g. from ``--method``) replacing its list."""
+    cfg = from_dict(BenchmarkConfig, params.get("benchmark"), "benchmark")
+    return dataclasses.replace(cfg, methods=list(methods)) if methods else cfg
+
+
 def parse_method(method: str) -> tuple[str, str]:
     """``sasrec`` -> (sasrec, merged); ``sasrec-single`` -> (sasrec, single)."""
     model, _, variant = method.partition("-")

@@ -57,14 +57,10 @@ def candidates(metrics_dir: Path, dataset: str, methods: list[str] | None = None
             continue
         if not m.get("mlflow_run_id"):
             continue
-        run_cfg = tracking_val_metric(m)
-        out.append(Candidate(f.stem, m["mlflow_run_id"], float(m["validation"]["overall"][run_cfg]), run_cfg,
+        metric = m.get("val_metric", "NDCG@10")
+        out.append(Candidate(f.stem, m["mlflow_run_id"], float(m["validation"]["overall"][metric]), metric,
                              m.get("data_version", {}).get("split.parquet", "unknown")))
     return sorted(out, key=lambda c: (-c.value, c.method))
-
-
-def tracking_val_metric(metrics: dict[str, Any]) -> str:
-    return metrics.get("val_metric", "NDCG@10")
 
 
 def _version_for_run(client, name: str, run_id: str):
