@@ -47,23 +47,23 @@ def summary(root: Path, protocols: tuple[str, ...] = ("full", "sampled-999"), me
     """Mean +- sample sd over every seed found under ``root`` (one metrics.json per run)."""
     import statistics
 
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[str, list[dict]] = {}
     for f in sorted(root.glob("*/metrics.json")):
         m = json.loads(f.read_text())
-        groups.setdefault((m["model"], m["variant"]), []).append(m)
+        groups.setdefault(f.parent.name.rsplit("-s", 1)[0], []).append(m)  # <model>-<variant>[-<tag>]
     if not groups:
         return "no runs found"
     domains = list(next(iter(groups.values()))[0]["protocols"][protocols[0]]["domains"])
-    head = "| model | variant | seeds | " + " | ".join(f"{p} {metric} {d[:12]}" for p in protocols for d in domains) + " |"
-    out = [head, "|" + "---|" * (3 + len(protocols) * len(domains))]
-    for (model, variant), runs in groups.items():
+    head = "| run | seeds | " + " | ".join(f"{p} {metric} {d[:12]}" for p in protocols for d in domains) + " |"
+    out = [head, "|" + "---|" * (2 + len(protocols) * len(domains))]
+    for name, runs in groups.items():
         cells = []
         for p in protocols:
             for d in domains:
                 xs = [r["protocols"][p]["domains"][d][metric] for r in runs]
                 sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
                 cells.append(f"{statistics.mean(xs):.4f} +- {sd:.4f}" if len(xs) > 1 else f"{xs[0]:.4f}")
-        out.append(f"| {model} | {variant} | {','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+        out.append(f"| {name} | {','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -75,6 +75,8 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1])
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="param override, e.g. train.patience=5")
+    ap.add_argument("--tag", default="", help="run-name suffix for a variant of the settings, e.g. alpha0.1 "
+                    "(runs are <model>-<variant>[-<tag>]-s<seed>)")
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--table", type=Path, default=None, help="write the markdown tables here")
     ap.add_argument("--summary", action="store_true", help="only print mean +- sd over all seeds already run")
@@ -86,7 +88,8 @@ def main() -> int:
     for model in args.models:
         for variant in args.variants:
             for seed in args.seeds:
-                run_dir = args.out / args.dataset / f"{model}-{variant}-s{seed}"
+                name = f"{model}-{variant}" + (f"-{args.tag}" if args.tag else "")
+                run_dir = args.out / args.dataset / f"{name}-s{seed}"
                 if (run_dir / "metrics.json").exists():
                     rows.append(json.loads((run_dir / "metrics.json").read_text()))
                     continue
@@ -95,7 +98,7 @@ def main() -> int:
                 m = train_run(args.dataset, model, variant, params, run_dir, seed=seed, epochs=args.epochs)
                 rows.append(m)
                 full = m["protocols"]["full"]["overall"]
-                print(f"{model}-{variant}-s{seed}: {time.time() - t0:.0f} s, full NDCG@10 {full['NDCG@10']:.4f}", flush=True)
+                print(f"{name}-s{seed}: {time.time() - t0:.0f} s, full NDCG@10 {full['NDCG@10']:.4f}", flush=True)
     protocols = list(rows[0]["protocols"]) if rows else []
     text = [f"Dataset `{args.dataset}`, test split, hardware: {json.dumps(hardware())}", ""]
     for p in protocols:

@@ -260,6 +260,8 @@ def track_step(dataset: str, method: str, run: str, robustness: list[dict] | Non
                 mlflow.log_metrics(vals)
                 tracking.log_artifacts([rd / "config.json", rd / "metrics.json", rd / "robustness.json"], "run")
                 tracking.log_artifacts(plots, "plots")
+                for steps in [rd / "steps.csv", *sorted(rd.glob("domain-*/steps.csv"))]:  # per-step loss, Pareto ratio
+                    tracking.log_artifacts([steps], "steps" if steps.parent == rd else f"steps/{steps.parent.name}")
                 if tcfg.log_models:
                     from cdsr.track.pyfunc import log_pyfunc
 

@@ -5,6 +5,7 @@ target leak, and the IB mask (no direct cross-domain item attention, information
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -339,3 +340,57 @@ def test_one_epoch_train_run_on_the_tiny_dataset(tmp_path, tiny_root, in_root, n
     params["evaluate"] = {"protocols": ["full"], "max_len": 20}
     m = train_run("t", name, "merged", params, tmp_path / "run", seed=0, epochs=1, data_root=tiny_root)
     assert m["model"] == name and 0 <= m["protocols"]["full"]["overall"]["NDCG@10"] <= 1
+
+
+# ----------------------------------------------------------------- domain-label noise (Section 5.5)
+
+
+def test_noisy_item_labels_flip_a_seeded_fraction_to_another_domain():
+    from cdsr.models.autocdsr import noisy_item_labels
+
+    vocab = Vocab(3000, ((1, 1000), (1001, 2000), (2001, 3000)))
+    true = torch.arange(3001).sub(1).clamp_min(0) // 1000
+    lab = noisy_item_labels(vocab, 0.2, seed=5)
+    flipped = lab[1:] != true[1:]
+    assert lab[0] == 0 and 0.17 < flipped.float().mean() < 0.23
+    assert torch.equal(lab, noisy_item_labels(vocab, 0.2, seed=5))
+    assert not torch.equal(lab, noisy_item_labels(vocab, 0.2, seed=6))
+    assert torch.equal(noisy_item_labels(vocab, 0.0, seed=5), true)
+    assert ((lab >= 0) & (lab < 3)).all()
+
+
+@pytest.mark.parametrize("name", ["autocdsr_sasrec", "autocdsr_bert4rec", "autocdsr_plus"])
+def test_label_noise_is_exactly_relabelled_input_domains(name):
+    """A model with label_noise reads, everywhere (embedding, L_cd pairs, IB mask), the catalogue's
+    noisy labels: it equals the clean model (same weights) fed the relabelled domains, and differs
+    from the clean model fed the true ones; its recommendation loss still uses the true domains."""
+    vocab = Vocab(20, ((1, 10), (11, 20)))
+    small = {"d": 16, "layers": 2, "heads": 2, "max_len": 8, "dropout": 0.0}
+    torch.manual_seed(0)
+    clean = build_model(name, model_config(name, small, "merged"), vocab).eval()
+    noisy = build_model(name, model_config(name, {**small, "label_noise": 0.5, "label_noise_seed": 1}, "merged"),
+                        vocab).eval()
+    noisy.load_state_dict(clean.state_dict())
+    g = torch.Generator().manual_seed(1)
+    items = torch.randint(1, 21, (6, 8), generator=g)
+    batch = {"items": items, "domains": (items - 1) // 10, "mask": torch.ones(6, 8, dtype=torch.bool),
+             "timestamps": torch.zeros(6, 8, dtype=torch.long), "target_domain": torch.tensor([0, 1] * 3)}
+    relabelled = {**batch, "domains": noisy.item_label[items]}
+    assert not torch.equal(relabelled["domains"], batch["domains"])
+    with torch.no_grad():
+        assert torch.allclose(noisy.score(batch), clean.score(relabelled), atol=1e-5)
+        assert not torch.allclose(noisy.score(batch), clean.score(batch), atol=1e-3)
+    targets = torch.randint(1, 21, (6, 8), generator=g)
+    train = {**batch, "targets": targets, "target_domains": (targets - 1) // 10}
+    torch.manual_seed(2)
+    a = noisy.aux_objectives(train)
+    if name == "autocdsr_sasrec":  # (BERT4Rec's Cloze loss takes the true domains of the hidden items)
+        b = clean.aux_objectives({**train, "domains": relabelled["domains"]})
+        assert torch.allclose(a["cd"], b["cd"]) and torch.allclose(a["rec"], b["rec"])
+    assert math.isfinite(float(a["rec"])) and 0.0 <= float(a["cd"]) <= 1.0
+
+
+def test_label_noise_must_be_a_fraction():
+    with pytest.raises(ValueError, match="label_noise"):
+        build_model("autocdsr_sasrec", model_config("autocdsr_sasrec", {"label_noise": 1.5}, "merged"),
+                    Vocab(20, ((1, 10), (11, 20))))

@@ -417,3 +417,50 @@ def test_fit_uses_the_models_pareto_strategy(tmp_path, monkeypatch):
     res = fit(model, data, cfg, seed=0, run_dir=tmp_path, eval_cfg=EvalConfig(protocols=["full"], max_len=10))
     assert res.epochs_run == 2 and all(math.isfinite(h["loss"]) for h in res.history)
     assert len(steps) == 6 and steps == [0, 1, 1, 2, 2, 3]  # 3 batches per epoch; solves on steps 0, 2, 4
+
+
+def _fit_autocdsr(data, run_dir, stop_at=None):
+    from cdsr.evaluate.protocols import EvalConfig
+    from cdsr.models.base import Vocab
+    from cdsr.models.registry import build_model, model_config
+    from cdsr.train.loop import TrainingInterrupted, fit
+
+    torch.manual_seed(3)
+    model = build_model("autocdsr_sasrec", model_config("autocdsr_sasrec", {"d": 16, "layers": 1, "heads": 2,
+                                                                           "max_len": 10}, "merged"),
+                        Vocab.from_ranges(data.domain_ranges, data.domain_names))
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=False, device="cpu", checkpoint_every_steps=2,
+                      pareto=ParetoConfig(every_k=3))
+
+    def on_step(step):
+        if stop_at is not None and step == stop_at:
+            raise TrainingInterrupted("simulated kill")
+
+    fit(model, data, cfg, seed=3, run_dir=run_dir, eval_cfg=EvalConfig(protocols=["full"], max_len=10), on_step=on_step)
+    return model
+
+
+def test_resume_with_every_k_replays_the_uninterrupted_run(tmp_path):
+    """The strategy's step counter and ratio are in the checkpoint: a run killed mid-epoch, between
+    two solve steps, and resumed solves on the same steps and ends with the same parameters; the
+    per-step log (steps.csv) holds each step exactly once."""
+    import csv
+
+    from cdsr.train.loop import TrainingInterrupted
+
+    data = _tiny_split()  # 48 users, batch 8: 6 steps per epoch
+    ref = _fit_autocdsr(data, tmp_path / "ref")
+    with pytest.raises(TrainingInterrupted):
+        _fit_autocdsr(data, tmp_path / "run", stop_at=9)  # step 9: after the checkpoint at step 8 (epoch 1, step 2)
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["strategy"]["n_steps"] == 8 and ck["strategy"]["n_solves"] == 3  # solves on steps 0, 3, 6
+    model = _fit_autocdsr(data, tmp_path / "run")
+    for (k, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows = [list(csv.DictReader((tmp_path / d / "steps.csv").open())) for d in ("ref", "run")]
+    assert [r["step"] for r in rows[1]] == [str(i) for i in range(1, 13)]
+    assert rows[0] == rows[1]
+    assert [float(r["pareto_solved"]) for r in rows[0]] == [1.0 if i % 3 == 0 else 0.0 for i in range(12)]
+    for r in rows[0]:
+        ratio = float(r["pareto_ratio"])
+        assert 0.0 <= ratio <= ParetoConfig().max_ratio and math.isfinite(float(r["pareto_w_cd"]))

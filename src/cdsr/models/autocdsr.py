@@ -45,12 +45,18 @@ Mode = Literal["pareto", "fixed"]
 class AutoCDSRSASRecConfig(SASRecConfig):
     mode: Mode = "pareto"  # pareto: MGDA step (strategy "pareto"); fixed: rec + alpha * cd
     alpha: float = 0.1  # weight of L_cd in fixed mode
+    # Robustness experiment (paper Section 5.5 / A.5): a seeded fraction of the catalogue carries a
+    # wrong domain label wherever the model reads input domain labels (see _AutoCDSR.input_domains).
+    label_noise: float = 0.0
+    label_noise_seed: int = 0
 
 
 @dataclass(frozen=True)
 class AutoCDSRBERT4RecConfig(BERT4RecConfig):
     mode: Mode = "pareto"
     alpha: float = 0.1
+    label_noise: float = 0.0
+    label_noise_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,21 @@ def ib_attention_mass(probs: list[torch.Tensor], n_ib: int, valid: torch.Tensor)
     return total / (q.sum() * probs[0].shape[1] * len(probs)).clamp_min(1)
 
 
+def noisy_item_labels(vocab: Vocab, p: float, seed: int) -> torch.Tensor:
+    """[n_items + 1] domain label per item id (index 0: padding, label 0): the true domain, except
+    for a seeded fraction ``p`` of the items, which get a uniformly random *other* domain."""
+    true = torch.zeros(vocab.n_items + 1, dtype=torch.long)
+    for d, (a, b) in enumerate(vocab.domain_ranges):
+        true[a: b + 1] = d
+    if vocab.n_domains < 2 or p <= 0.0:
+        return true
+    g = torch.Generator().manual_seed(int(seed))
+    flip = torch.rand(vocab.n_items + 1, generator=g) < p
+    flip[0] = False
+    shift = torch.randint(1, vocab.n_domains, (vocab.n_items + 1,), generator=g)
+    return torch.where(flip, (true + shift) % vocab.n_domains, true)
+
+
 class _AutoCDSR:
     """What the AutoCDSR models share: the scalarised / Pareto objectives. Subclasses implement
     ``_objectives(batch) -> (rec, cd)`` with one forward pass."""
@@ -103,7 +124,27 @@ class _AutoCDSR:
             raise ValueError(f"mode must be 'pareto' or 'fixed', not {self.cfg.mode!r}")
         if self.cfg.alpha < 0:
             raise ValueError(f"alpha must be >= 0, not {self.cfg.alpha}")
+        if not 0.0 <= self.cfg.label_noise <= 1.0:
+            raise ValueError(f"label_noise must lie in [0, 1], not {self.cfg.label_noise}")
         self.train_strategy = "pareto" if self.cfg.mode == "pareto" else None
+        labels = None
+        if self.cfg.label_noise > 0.0:
+            labels = noisy_item_labels(self.vocab, self.cfg.label_noise, self.cfg.label_noise_seed)
+        self.register_buffer("item_label", labels, persistent=False)  # derived from the config
+
+    def input_domains(self, items: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        """[B, L] domain labels the model reads (domain embedding, L_cd pairs, IB mask): the true
+        ``domains`` unless ``label_noise`` > 0, then each catalogue item's (possibly wrong) label.
+
+        NOTE: label noise is per item (a mislabelled catalogue entry is wrong in every sequence,
+        at training and at serving time), and touches only what the model reads as domain labels:
+        the recommendation loss still ranks a target within its true domain, because item ids
+        are partitioned by domain in our vocabulary. [MASK] and padding keep their labels.
+        """
+        if self.item_label is None:
+            return domains
+        real = (items >= 1) & (items <= self.vocab.n_items)
+        return torch.where(real, self.item_label[items.clamp(0, self.vocab.n_items)], domains)
 
     def _objectives(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -129,11 +170,17 @@ class AutoCDSRSASRec(_AutoCDSR, SASRec):
         super().__init__(cfg, vocab)
         self._init_autocdsr()
 
+    def encode(self, batch: dict[str, torch.Tensor], need_probs: bool = False):
+        if self.item_label is not None:
+            batch = {**batch, "domains": self.input_domains(batch["items"], batch["domains"])}
+        return super().encode(batch, need_probs)
+
     def _objectives(self, batch):
         h, probs = self.encode(batch, need_probs=True)
         valid = batch["mask"] & (batch["targets"] > 0)
         rec = self._rec_loss(h[valid], batch["targets"][valid], batch["target_domains"][valid])
-        return rec, cross_domain_attention_mass(probs, batch["domains"], batch["mask"])
+        return rec, cross_domain_attention_mass(probs, self.input_domains(batch["items"], batch["domains"]),
+                                                batch["mask"])
 
 
 class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
@@ -145,13 +192,16 @@ class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
         super().__init__(cfg, vocab)
         self._init_autocdsr()
 
+    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+        return super().encode(items, self.input_domains(items, domains), mask, need_probs)
+
     def _objectives(self, batch):
         items, domains, mask, labels = self.cloze(batch)
         h, probs = self.encode(items, domains, mask, need_probs=True)
         sel = labels > 0
         rec = domain_softmax_loss(h[sel], labels[sel], domains[sel], self.item_emb.weight,
                                   self.vocab.domain_ranges, bias=self.out_bias)
-        return rec, self._aux_mass(probs, domains, mask)
+        return rec, self._aux_mass(probs, self.input_domains(items, domains), mask)
 
     def _aux_mass(self, probs, domains, mask):
         return cross_domain_attention_mass(probs, domains, mask)
@@ -192,6 +242,7 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
         """items/domains/mask [B, L'] -> (h [B, L', d] at the item positions, probs per layer
         [B, h, T, T] over all T = D*K + L' tokens, IB tokens first)."""
         B = items.shape[0]
+        domains = self.input_domains(items, domains)
         x_items = self.embed(items, domains, mask)
         x_ib = (self.ib_emb.weight * math.sqrt(self.cfg.d)).unsqueeze(0).expand(B, -1, -1)
         x = torch.cat([x_ib.to(x_items.dtype), x_items], 1)

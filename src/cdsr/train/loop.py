@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -119,6 +120,43 @@ class FitResult:
     resumes: list[dict] = field(default_factory=list)  # (epoch, step) where a killed run was resumed
 
 
+class StepLog:
+    """Per-step training statistics (loss, and e.g. the Pareto ratio and weights) as CSV rows
+    ``step, epoch, <stat>...``, buffered in memory and appended at each checkpoint, so that the
+    file holds exactly the checkpointed steps; :meth:`truncate` drops the rows of a killed run
+    past the checkpoint it resumes from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[tuple[int, int, dict[str, float]]] = []
+
+    def add(self, step: int, epoch: int, stats: dict[str, float]) -> None:
+        self.rows.append((step, epoch, stats))
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        keys = sorted(self.rows[0][2])
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", *keys])
+            w.writerows([st, ep, *(repr(float(d.get(k, math.nan))) for k in keys)] for st, ep, d in self.rows)
+        self.rows = []
+
+    def truncate(self, global_step: int | None) -> None:
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        if global_step is None:  # a checkpoint from before the step log: start it afresh
+            self.path.unlink()
+            return
+        keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= global_step]
+        if len(keep) != len(lines):
+            self.path.write_text("".join(keep))
+
+
 def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return list(BatchSampler(RandomSampler(range(n), generator=g), batch_size, drop_last=False))
@@ -167,12 +205,22 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         if device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"])
         state = ck["state"]
+        if "strategy" in ck and hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(ck["strategy"])
         if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:  # an unfinished run resumes
             state.setdefault("resumes", []).append({"epoch": state["epoch"], "step": state["step"]})
             log.info("resumed from %s at epoch %d step %d", last, state["epoch"], state["step"])
 
+    steps_log = StepLog(run_dir / "steps.csv")
+    if last.exists():
+        steps_log.truncate(state.get("global_step", None))
+
     def checkpoint() -> None:
+        state["global_step"] = global_step
+        steps_log.flush()  # before the checkpoint: a resume truncates rows past its global step
         ck = {"model": model.state_dict(), "optim": opt.state_dict(), "rng_cpu": torch.get_rng_state(), "state": state}
+        if hasattr(strategy, "state_dict"):
+            ck["strategy"] = strategy.state_dict()
         if device.type == "cuda":
             ck["rng_cuda"] = torch.cuda.get_rng_state()
         _save(last, ck)
@@ -197,6 +245,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
             n_steps += 1
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
+            steps_log.add(global_step, epoch, stats)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", seq_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
             if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < len(order):
                 state["train_seconds"] += time.time() - t0
@@ -225,6 +274,7 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         checkpoint()
         if on_epoch is not None:
             on_epoch(epoch, record)
+    steps_log.flush()
     (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
     return FitResult(best_epoch=state["best_epoch"], best_metric=state["best_metric"], epochs_run=state["epoch"],
                      stopped_early=stopped, train_seconds=state["train_seconds"], history=state["history"],

@@ -331,10 +331,22 @@ class ParetoStrategy:
     instead of three (two autograd.grad on the shared parameters + one of the total loss). Off
     solve steps it is one ordinary backward of the total loss (L_cd skipped when ratio = 0).
 
-    NOTE (resume): the step counter and last ratio live on this instance and are not in the
-    loop's checkpoint: with every_k > 1 a resumed run re-solves at its first step, so it does not
-    replay an uninterrupted run bit for bit (with every_k = 1 it does).
+    Per step it reports ``pareto_ratio`` (the clamped ratio used), ``pareto_w_rec`` / ``pareto_w_cd``
+    (the last solved weights, before clamping; w_cd may be negative) and ``pareto_solved`` (1 on a
+    solve step): the loop writes them to ``steps.csv`` and averages them per epoch.
+
+    The step counter, last ratio and weights are in the loop's checkpoint (:meth:`state_dict`), so a
+    resumed run with every_k > 1 solves on the same steps as an uninterrupted one.
     """
+
+    def state_dict(self) -> dict:
+        return {"n_steps": self.n_steps, "n_solves": self.n_solves, "ratio": self.ratio,
+                "weights": None if self.weights is None else list(self.weights)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_steps, self.n_solves = int(state["n_steps"]), int(state["n_solves"])
+        self.ratio = None if state["ratio"] is None else float(state["ratio"])
+        self.weights = None if state["weights"] is None else (float(state["weights"][0]), float(state["weights"][1]))
 
     def __init__(self) -> None:
         self.n_steps = 0  # steps taken by this instance
@@ -352,7 +364,8 @@ class ParetoStrategy:
             out = model.aux_objectives(batch)
         rec, cd = out["rec"], out["cd"]
         optimizer.zero_grad(set_to_none=True)
-        if self._solve_now(pc.every_k):
+        solved = self._solve_now(pc.every_k)
+        if solved:
             params = [p for p in model.parameters() if p.requires_grad]
             index = {id(p): i for i, p in enumerate(params)}
             shared = [p for p in model.shared_parameters() if p.requires_grad]
@@ -388,4 +401,6 @@ class ParetoStrategy:
         stats["rec"], stats["cd"] = float(rec.detach()), float(cd.detach())
         stats["loss"] = stats["rec"] + self.ratio * stats["cd"]
         stats["pareto_ratio"] = self.ratio
+        stats["pareto_w_rec"], stats["pareto_w_cd"] = self.weights
+        stats["pareto_solved"] = float(solved)
         return stats
