@@ -79,3 +79,26 @@ def test_short_training_run_beats_random(tmp_path, tiny_root, in_root, name, var
     assert written["protocols"]["full"]["overall"]["NDCG@10"] == m["protocols"]["full"]["overall"]["NDCG@10"]
     if variant == "single":
         assert all((tmp_path / "run" / f"domain-{d}" / "best.pt").exists() for d in ("Books", "Movies_and_TV", "CDs_and_Vinyl"))
+
+
+def test_step_log_keeps_exactly_the_checkpointed_steps(tmp_path):
+    """steps.csv is appended at checkpoints; a resume drops rows written past its checkpoint (a
+    kill between the append and the checkpoint write) so that no step appears twice."""
+    import csv
+
+    from cdsr.train.loop import StepLog
+
+    log = StepLog(tmp_path / "steps.csv")
+    for s in range(1, 6):
+        log.add(s, 0, {"loss": s / 10, "pareto_ratio": 0.5})
+    log.flush()
+    log.flush()  # nothing pending: no duplicate header or rows
+    rows = list(csv.DictReader((tmp_path / "steps.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5"] and float(rows[2]["loss"]) == 0.3
+    StepLog(tmp_path / "steps.csv").truncate(3)
+    log = StepLog(tmp_path / "steps.csv")
+    log.add(4, 0, {"loss": 0.4, "pareto_ratio": 0.5})
+    log.flush()
+    assert [r["step"] for r in csv.DictReader((tmp_path / "steps.csv").open())] == ["1", "2", "3", "4"]
+    StepLog(tmp_path / "steps.csv").truncate(None)  # a checkpoint that predates the log
+    assert not (tmp_path / "steps.csv").exists()
