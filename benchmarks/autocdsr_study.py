@@ -54,8 +54,9 @@ def group_of(run: Path) -> str:
     return run.name.rsplit("-s", 1)[0]  # <model>-<variant>[-<tag>]
 
 
-def attention_mass(run: Path, data: SplitData, batch_size: int = 512) -> dict[str, float]:
-    """Mean attention mass of the run's best checkpoint on every training prefix (eval mode):
+def attention_mass(run: Path, data: SplitData, batch_size: int = 512, n_users: int = 8192) -> dict[str, float]:
+    """Mean attention mass of the run's best checkpoint on the training prefixes of ``n_users``
+    users drawn with a fixed seed (the same for every run; all when fewer), eval mode:
     ``cd``: onto items of another domain (AutoCDSR's L_cd); for AutoCDSR+ ``ib``: onto IB tokens."""
     config = json.loads((run / "config.json").read_text())
     name = config["model"]
@@ -67,11 +68,12 @@ def attention_mass(run: Path, data: SplitData, batch_size: int = 512) -> dict[st
     net.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
     net.eval()
     ds = TrainDataset(data, cfg.get("max_len", 50))
+    rows = np.sort(np.random.default_rng(0).permutation(len(ds))[:n_users])
     torch.manual_seed(0)  # BERT4Rec's Cloze masking
     total, weight = 0.0, 0.0
     with torch.no_grad():
-        for lo in range(0, len(ds), batch_size):
-            batch = ds[np.arange(lo, min(lo + batch_size, len(ds)))]
+        for lo in range(0, len(rows), batch_size):
+            batch = ds[rows[lo: lo + batch_size]]
             w = float(batch["mask"].sum())
             total += float(net.aux_objectives(batch)["cd"]) * w
             weight += w
@@ -239,7 +241,7 @@ def report(root: Path, flip_models: tuple[str, ...]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("runs/autocdsr/amazon-food-kitchen-benchmark"))
-    ap.add_argument("--flip-models", nargs="*", default=["autocdsr_sasrec", "autocdsr_bert4rec", "autocdsr_plus"],
+    ap.add_argument("--flip-models", nargs="*", default=["bert4rec", "autocdsr_bert4rec", "autocdsr_plus"],
                     help="models whose clean runs get the inference-time domain_flip curves")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args()
