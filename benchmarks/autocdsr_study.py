@@ -13,7 +13,9 @@ Prints markdown tables: test Recall@10 (= HR@10: one relevant item per query) an
 protocol and domain (mean +- sample sd over seeds); the relative change of each AutoCDSR variant
 against its backbone, beside the paper's claims; the cross-domain attention mass of each best
 checkpoint (backbones are read through their AutoCDSR subclass, same parameters); the Pareto
-ratio per step (from steps.csv); seconds per training epoch; and the domain-label noise results:
+ratio per step (from steps.csv); seconds per training epoch as the runs went (wall time: not a
+speed measurement when runs share the machine; `benchmarks/train_speed.py` measures step time);
+and the domain-label noise results:
 inference-time ``domain_flip`` of the test histories (clean models) and training with a
 mislabelled catalogue (``model.label_noise``).
 """
@@ -189,19 +191,17 @@ def report(root: Path, flip_models: tuple[str, ...]) -> str:
     # 3. attention mass, Pareto ratio, epoch time
     out += ["#### Attention mass of the best checkpoints, Pareto weights, training time", "",
             ("| run | cross-domain mass | IB-token mass | mean ratio w_cd/w_rec | steps with ratio 0 | "
-            "L_cd first 50 -> last 200 steps | s / epoch | epoch-time ratio |"), "|---|---|---|---|---|---|---|---|"]
+            "L_cd first 50 -> last 200 steps | s / epoch (wall, as run) |"), "|---|---|---|---|---|---|---|"]
     spe = {g: statistics.mean(metrics[r]["fit"]["merged"]["train_seconds"] / metrics[r]["fit"]["merged"]["epochs_run"]
                               for r in rs) for g, rs in groups.items()}
     for g, rs in groups.items():
         ex = [extra[r] for r in rs]
         par = [e["pareto"] for e in ex if e["pareto"]]
-        base = BACKBONE.get(metrics[rs[0]]["model"])
-        ratio = f"{spe[g] / spe[base]:.2f}x" if base in spe else ""
         out.append(f"| {g} | {ms([e['mass']['cd'] for e in ex if 'cd' in e['mass']])} | "
                    f"{ms([e['mass']['ib'] for e in ex if 'ib' in e['mass']])} | "
                    f"{ms([q['ratio_mean'] for q in par], '{:.3f}')} | {ms([q['ratio_zero'] for q in par], '{:.2f}')} | "
                    + (f"{ms([q['cd_first'] for q in par])} -> {ms([q['cd_last200'] for q in par])}" if par else "")
-                   + f" | {spe[g]:.0f} | {ratio} |")
+                   + f" | {spe[g]:.0f} |")
     out.append("")
 
     # 4. domain-label noise
