@@ -17,17 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from autocdsr_study import (  # benchmarks/ is on sys.path when run as a script
+    MEASURED_AS,
+    attention_mass,
+)
 
 import cdsr  # noqa: F401
 from cdsr.data.loaders import TrainDataset
 from cdsr.evaluate.protocols import EvalConfig, rank_targets, summarise
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.registry import build_model, model_config
 from cdsr.train.run import load_split
-
-# the AutoCDSR model whose aux_objectives measure a backbone's attention (same state dict)
-MEASURED_AS = {"sasrec": "autocdsr_sasrec", "bert4rec": "autocdsr_bert4rec", "autocdsr_sasrec": "autocdsr_sasrec",
-               "autocdsr_bert4rec": "autocdsr_bert4rec", "autocdsr_plus": "autocdsr_plus"}
 
 
 class Popularity(SeqRecModel):
@@ -57,22 +56,14 @@ def main() -> None:
     print(f"popularity (full, test): NDCG@10 {pop['overall']['NDCG@10']:.4f} HR@10 {pop['overall']['HR@10']:.4f}")
     for f in sorted(Path(args.metrics_dir, args.dataset).glob("*.json")):
         m = json.loads(f.read_text())
-        as_model = MEASURED_AS.get(m["method"])
         # the run directory whose tracking.json holds this result's MLflow run
         run = next((t.parent for t in Path(args.runs_dir, args.dataset, m["method"]).glob("*/tracking.json")
                     if json.loads(t.read_text())["run_id"] == m.get("mlflow_run_id")), None)
-        if as_model is None or run is None:
+        if m["method"] not in MEASURED_AS or run is None:
             continue
-        cfg = json.loads((run / "config.json").read_text())["model_config"]
-        cfg["mode"] = cfg.get("mode", "fixed")
-        net = build_model(as_model, model_config(as_model, cfg, "merged"), vocab)
-        net.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
-        net.eval()
-        torch.manual_seed(0)  # BERT4Rec's Cloze masking
-        with torch.no_grad():
-            mass = float(net.aux_objectives(batch)["cd"])
-        kind = "IB-token" if as_model == "autocdsr_plus" else "cross-domain"
-        print(f"{m['method']:18s} {kind} attention mass {mass:.4f}")
+        mass = attention_mass(run, data)
+        kind, value = ("IB-token", mass["ib"]) if "ib" in mass else ("cross-domain", mass["cd"])
+        print(f"{m['method']:18s} {kind} attention mass {value:.4f}")
 
 
 if __name__ == "__main__":
