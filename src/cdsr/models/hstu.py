@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.intra_attention import BiasFn, DensePlan, TiledPlan, dense_plan, intra_domain_mask
 from cdsr.models.layers import sample_domain_negatives
 
 N_TIME_BUCKETS = 128  # buckets 0..128 (129 weights), bucket = clamp(floor(ln(max(dt,1)) / 0.301))
@@ -60,25 +61,26 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch
 
     q, k [B, h, L, d_qk]; v [B, h, L, d_v]; rab [B or 1, 1 or h, L, L] or None; mask [B, L, L]
     bool (True = query i may use key j); norm: the constant N of "/ N".
-    Returns A V with heads concatenated: [B, L, h * d_v]. Swappable for a block-sparse version.
+    Returns A V with heads concatenated: [B, L, h * d_v]. The layers go through the plans of
+    :mod:`cdsr.models.intra_attention` (the same computation, dense or block-sparse).
     """
-    s = q @ k.transpose(-1, -2)  # [B, h, L, L]
-    if rab is not None:
-        s = s + rab
-    a = F.silu(s) * (mask.unsqueeze(1).to(s.dtype) / norm)
-    B, h, L, dv = v.shape
-    return (a @ v).transpose(1, 2).reshape(B, L, h * dv)
+    return DensePlan(weight=(mask.to(q.dtype) / norm).unsqueeze(1), bias=rab).attend(q, k, v)
 
 
 def time_buckets(query_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[B, L, L] bucket of |query_t_i - t_j| = clamp(floor(ln(max(dt, 1)) / 0.301), 0, 128)."""
-    dt = (query_t.unsqueeze(2) - t.unsqueeze(1)).abs().clamp(min=1).to(torch.float32)
+    return bucketise(query_t.unsqueeze(2) - t.unsqueeze(1))
+
+
+def bucketise(dt: torch.Tensor) -> torch.Tensor:
+    """Time bucket of time differences (any shape): clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, 128)."""
+    dt = dt.abs().clamp(min=1).to(torch.float32)
     return (torch.log(dt) / 0.301).floor().clamp(0, N_TIME_BUCKETS).long()
 
 
 class RelativeBias(nn.Module):
     """rab^{p,t} (Sec. 3, Eq. 2): learned bias over i - j (2N-1 buckets) + over log-bucketed
-    |t_{i+1} - t_j|; one scalar per bucket shared by all heads. Returns [B or 1, 1, L, L] or None."""
+    |t_{i+1} - t_j|; one scalar per bucket shared by all heads, evaluated at index pairs (:meth:`pair_fn`)."""
 
     def __init__(self, max_len: int, rel_pos: bool, time: bool):
         super().__init__()
@@ -87,16 +89,23 @@ class RelativeBias(nn.Module):
         self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1).uniform_(-b, b)) if rel_pos else None
         self.ts_w = nn.Parameter(torch.empty(N_TIME_BUCKETS + 1).uniform_(-b, b)) if time else None
 
-    def forward(self, t: torch.Tensor, query_t: torch.Tensor) -> torch.Tensor | None:
-        L = t.shape[1]
-        out = None
-        if self.pos_w is not None:
-            r = torch.arange(L, device=t.device)
-            out = self.pos_w[r[:, None] - r[None, :] + self.N - 1][None]  # [1, L, L]
-        if self.ts_w is not None:
-            tb = self.ts_w[time_buckets(query_t, t)]  # [B, L, L]
-            out = tb if out is None else out + tb
-        return None if out is None else out.unsqueeze(1)
+    def pair_fn(self, t: torch.Tensor, query_t: torch.Tensor) -> BiasFn | None:
+        """``bias(b, i, j)``: rab for batch rows b, query positions i, key positions j (index
+        tensors that broadcast, e.g. [B,1,1], [1,L,1], [1,1,L] for the dense [B, L, L]); None
+        when both biases are off. Positions are window indices (i - j is the same as in valid-count
+        positions: the window is right-aligned)."""
+        if self.pos_w is None and self.ts_w is None:
+            return None
+
+        def bias(b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            out = 0.0
+            if self.pos_w is not None:
+                out = self.pos_w[i - j + self.N - 1]
+            if self.ts_w is not None:
+                out = out + self.ts_w[bucketise(query_t[b, i] - t[b, j])]
+            return out
+
+        return bias
 
 
 class HSTULayer(nn.Module):
@@ -108,14 +117,14 @@ class HSTULayer(nn.Module):
         self.uvqk = nn.Linear(cfg.d, 2 * cfg.heads * (cfg.d_v + cfg.d_qk))
         self.o = nn.Linear(cfg.heads * cfg.d_v, cfg.d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.attention = hstu_attention  # swap point (intra-domain / block-sparse variants)
 
-    def forward(self, x: torch.Tensor, rab: torch.Tensor | None, mask: torch.Tensor, norm: float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: DensePlan | TiledPlan) -> torch.Tensor:
+        """``plan``: the attention of this forward (dense, or block-sparse intra-domain)."""
         B, L, d = x.shape
         hv, hq = self.h * self.dv, self.h * self.dqk
         u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (d,)))).split([hv, hv, hq, hq], dim=-1)
         heads = lambda z, e: z.reshape(B, L, self.h, e).transpose(1, 2)
-        av = self.attention(heads(q, self.dqk), heads(k, self.dqk), heads(v, self.dv), rab, mask, norm)
+        av = plan.attend(heads(q, self.dqk), heads(k, self.dqk), heads(v, self.dv))
         y = u * F.layer_norm(av, (hv,))  # LayerNorm over the concatenated heads, no affine
         return x + self.o(self.drop(y))
 
@@ -153,20 +162,32 @@ class HSTU(SeqRecModel):
         """h [B, L, d]: the output of every position (position i sees events <= i only, plus the
         timestamp t_{i+1} through the time bias)."""
         items, valid = batch["items"], batch["mask"].bool()
-        _, L = items.shape
-        if L > self.cfg.max_len:
-            raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
+        x = self.drop(self.embed(batch, valid)) * valid.unsqueeze(-1)
+        plan = self.attention_plan(batch, valid)
+        for i, layer in enumerate(self.layers):
+            x = self.after_layer(i, layer(x, plan), batch, valid)
+        return self.out_ln(x)
+
+    def embed(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] input before dropout: e_item * sqrt(d) + e_pos (+ e_dom)."""
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # NOTE: 0 = oldest valid event
-        x = self.item_emb(items) * math.sqrt(self.cfg.d) + self.pos_emb(pos)
+        x = self.item_emb(batch["items"]) * math.sqrt(self.cfg.d) + self.pos_emb(pos)
         if self.dom_emb is not None:
             x = x + self.dom_emb(batch["domains"])
-        x = self.drop(x) * valid.unsqueeze(-1)
-        causal = torch.ones(L, L, dtype=torch.bool, device=items.device).tril()
-        mask = causal[None] & valid[:, None, :]  # [B, L, L]: j <= i and j valid
-        rab = self.rab(batch["timestamps"], self.query_times(batch))
-        for layer in self.layers:
-            x = layer(x, rab, mask, float(self.cfg.max_len))
-        return self.out_ln(x)
+        return x
+
+    def after_layer(self, index: int, x: torch.Tensor, batch: dict[str, torch.Tensor],
+                    valid: torch.Tensor) -> torch.Tensor:
+        """Hook after layer ``index`` (HSTU-CD's DDSR); plain HSTU: identity."""
+        return x
+
+    def attention_plan(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> DensePlan | TiledPlan:
+        """Causal attention over valid events (j <= i), dense; HSTU-CD overrides this."""
+        mask = intra_domain_mask(batch["domains"], valid, same_domain=False)
+        bias = self.rab.pair_fn(batch["timestamps"], self.query_times(batch))
+        return dense_plan(mask, bias, float(self.cfg.max_len))
 
     def query(self, h: torch.Tensor, req_domains: torch.Tensor) -> torch.Tensor:
         """[..., d] L2-normalised query: h + e_req(requested domain) (NOTE: our addition)."""

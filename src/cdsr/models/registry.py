@@ -18,6 +18,7 @@ from cdsr.models.autocdsr import (
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.bert4rec import BERT4Rec, BERT4RecConfig
 from cdsr.models.hstu import HSTU, HSTUConfig
+from cdsr.models.hstu_cd import HSTUCD, HSTUCDConfig
 from cdsr.models.sasrec import SASRec, SASRecConfig
 
 
@@ -36,6 +37,8 @@ MODELS: dict[str, ModelSpec] = {
                           "BERT4Rec (Sun et al. 2019): bidirectional Cloze training, [MASK] scoring"),
     "hstu": ModelSpec(HSTU, HSTUConfig, ("merged", "single"),
                       "HSTU (Zhai et al. 2024): pointwise SiLU attention, rel. position + time bias, sampled softmax"),
+    "hstu_cd": ModelSpec(HSTUCD, HSTUCDConfig, ("merged",),
+                         "HSTU-CD (seed 001): intra-domain attention (block-sparse), TAPE, DDSR; switch each off for the ablation"),
     "autocdsr_sasrec": ModelSpec(AutoCDSRSASRec, AutoCDSRSASRecConfig, ("merged",),
                                  "AutoCDSR (KDD 2025) on SASRec: cross-domain attention mass, Pareto (MGDA) step"),
     "autocdsr_bert4rec": ModelSpec(AutoCDSRBERT4Rec, AutoCDSRBERT4RecConfig, ("merged",),
