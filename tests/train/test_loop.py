@@ -63,11 +63,13 @@ def test_early_stopping_and_best_checkpoint(tmp_path, data):
     assert best["epoch"] == res.best_epoch and best["metric"] == pytest.approx(res.best_metric)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "hstu"])
-@pytest.mark.parametrize("variant", ["merged", "single"])
-def test_short_training_run_beats_random(tmp_path, tiny_root, in_root, name, variant):
+@pytest.mark.parametrize(("name", "variant", "extra"), [
+    *((n, v, {}) for n in ("sasrec", "bert4rec", "hstu") for v in ("merged", "single")),
+    ("hstu_cd", "merged", {"attention": "tiled"}),  # the block-sparse path through the real loop
+])
+def test_short_training_run_beats_random(tmp_path, tiny_root, in_root, name, variant, extra):
     params = load_params()
-    params["models"][name] = {**params["models"].get(name, {}), **SMALL}
+    params["models"][name] = {**params["models"].get(name, {}), **SMALL, **extra}
     params["train"] = {**params["train"], "batch_size": 64, "lr": 0.005, "patience": 3, "progress": False}
     params["evaluate"] = {"protocols": ["full", "sampled-100"], "max_len": 20}
     m = train_run("t", name, variant, params, tmp_path / "run", seed=3, epochs=4, data_root=tiny_root)

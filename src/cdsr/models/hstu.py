@@ -193,9 +193,15 @@ class HSTU(SeqRecModel):
         """[..., d] L2-normalised query: h + e_req(requested domain) (NOTE: our addition)."""
         return F.normalize(h + self.req_emb(req_domains), dim=-1)
 
-    def item_vectors(self) -> torch.Tensor:
-        """[n_items + 1, d] L2-normalised item embeddings."""
-        return F.normalize(self.item_emb.weight, dim=-1)
+    def item_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings: of ``ids`` ([..., d]), or the whole table [n_items + 1, d].
+
+        Training gathers the rows first, then normalises them: the same values, without touching
+        the whole table each step (KuaiRand-1K has 944k items). F.embedding rather than indexing:
+        its backward measured a little faster on CPU."""
+        if ids is None:
+            return F.normalize(self.item_emb.weight, dim=-1)
+        return F.normalize(F.embedding(ids, self.item_emb.weight), dim=-1)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sampled softmax: each valid position ranks its target against R uniform negatives of
@@ -208,10 +214,8 @@ class HSTU(SeqRecModel):
         pos, dom = targets[keep], batch["target_domains"][keep]  # [P]
         q = self.query(h[keep], dom)  # [P, d]
         neg = sample_domain_negatives(dom, self.dom_lo, self.dom_size, self.cfg.n_negatives)  # [P, R]
-        E = self.item_vectors()
-        pos_logit = (q * F.embedding(pos, E)).sum(-1, keepdim=True)  # [P, 1]
-        # F.embedding rather than E[neg]: its backward (vs index_put) measured a little faster on CPU
-        neg_logit = torch.bmm(F.embedding(neg, E), q.unsqueeze(-1)).squeeze(-1)  # [P, R]
+        pos_logit = (q * self.item_vectors(pos)).sum(-1, keepdim=True)  # [P, 1]
+        neg_logit = torch.bmm(self.item_vectors(neg), q.unsqueeze(-1)).squeeze(-1)  # [P, R]
         neg_logit = neg_logit.masked_fill(neg == pos.unsqueeze(-1), float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=-1) / self.cfg.temperature
         zeros = torch.zeros(len(pos), dtype=torch.long, device=logits.device)
@@ -221,10 +225,9 @@ class HSTU(SeqRecModel):
         """Cosine(query of the last position, item) / temperature: [B, n_items + 1] (column 0 =
         padding = -inf) or [B, C] for ``candidates`` (id 0 = padding = -inf)."""
         q = self.query(self.encode(batch)[:, -1], batch["target_domain"])  # [B, d]
-        E = self.item_vectors()
         if candidates is None:
-            s = q @ E.T / self.cfg.temperature
+            s = q @ self.item_vectors().T / self.cfg.temperature
             s[:, 0] = float("-inf")
             return s
-        s = torch.einsum("bd,bcd->bc", q, E[candidates]) / self.cfg.temperature
+        s = torch.einsum("bd,bcd->bc", q, self.item_vectors(candidates)) / self.cfg.temperature
         return s.masked_fill(candidates == 0, float("-inf"))

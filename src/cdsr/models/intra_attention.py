@@ -13,7 +13,7 @@ applied by every layer: ``plan.attend(q, k, v) -> [B, L, h * d_v]``.
   (what the HSTU reference does). Cost O(L^2) whatever the mask.
 - :func:`tiled_plan`: the block-sparse path. Positions are grouped by domain: each domain's
   events are laid out in time order (a stable grouping by domain), each domain's run starting on
-  a tile boundary, empty slots reading a zero row. In that layout the live pairs of the
+  a tile boundary. In that layout the live pairs of the
   intra-domain mask lie in lower-triangular diagonal blocks, one per domain. The layout is cut
   into tiles of ``block`` slots and only the tile pairs (query tile, key tile) of one domain with
   the key tile not after the query tile are computed. Those tiles are gathered, scored, masked
@@ -91,7 +91,7 @@ def dense_plan(mask: torch.Tensor, bias_fn: BiasFn | None, norm: float) -> Dense
 class TiledPlan:
     """Block-sparse attention over the live tiles of the domain-sorted sequence.
 
-    order [B, Lp]: original position of each sorted slot (L for an empty slot: the zero row);
+    order [B, Lp]: original position of each slot of the tiled layout (L for an empty slot);
     inv [B, L]: sorted slot of each original position (Lp for padding: a zero output); q_tile, k_tile [n]: flat (row, tile)
     indices of the n live tile pairs; weight [n, 1, T, T] = exact mask / N; bias [n, 1, T, T] or None.
     """
@@ -109,11 +109,11 @@ class TiledPlan:
         return int(self.q_tile.numel())
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, h, L, e] -> [B * nT, h, T, e] in sorted order (zero rows for the slots past L)."""
+        """[B, h, L, e] -> [B * nT, h, T, e] in the tiled layout. Empty slots read row L - 1: their
+        weights are 0 and their outputs are never read back, so any finite row will do."""
         B, h, L, e = x.shape
-        x = torch.cat([x, x.new_zeros(B, h, 1, e)], dim=2)  # row L: the zero row padding slots read
         Lp = self.order.shape[1]
-        xs = x.gather(2, self.order[:, None, :, None].expand(B, h, Lp, e))
+        xs = x.gather(2, self.order.clamp(max=L - 1)[:, None, :, None].expand(B, h, Lp, e))
         return xs.view(B, h, Lp // self.block, self.block, e).transpose(1, 2).reshape(-1, h, self.block, e)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def tiled_plan(domains: torch.Tensor, valid: torch.Tensor, bias_fn: BiasFn | Non
 
     Sorted layout: each domain's events in time order, each domain's run starting on a tile
     boundary (so a tile holds one domain, and a domain of s events costs the lower triangle of
-    ceil(s / T) tiles: s^2 / 2 + s T / 2 pairs instead of s^2 / 2). Empty slots read a zero row.
+    ceil(s / T) tiles: s^2 / 2 + s T / 2 pairs instead of s^2 / 2).
     ``block <= 0``: :func:`auto_block` from this batch's domain sizes.
     """
     B, L = domains.shape
@@ -157,7 +157,7 @@ def tiled_plan(domains: torch.Tensor, valid: torch.Tensor, bias_fn: BiasFn | Non
     Lp = max(int(padded.sum(1).max()) if B else 0, T)
     rows = torch.arange(B, device=dev)[:, None].expand(B, L)
     pos = torch.arange(L, device=dev).expand(B, L)
-    order = torch.full((B, Lp), L, dtype=torch.long, device=dev)  # L: the zero row
+    order = torch.full((B, Lp), L, dtype=torch.long, device=dev)  # L: an empty slot
     order[rows[valid], slot[valid]] = pos[valid]
     inv = torch.where(valid, slot, torch.full_like(slot, Lp))  # Lp: a zero output slot
     nT = Lp // T
