@@ -87,17 +87,35 @@ def dense_plan(mask: torch.Tensor, bias_fn: BiasFn | None, norm: float) -> Dense
     return DensePlan(weight=(mask.to(torch.float32) / norm).unsqueeze(1), bias=bias)
 
 
+class _RowPermute(torch.autograd.Function):
+    """``y = x[fwd]`` over rows, where each row of x goes to at most one row of y (``fwd`` may
+    point at row N: a zero row); ``bwd`` gives, for each row of x, the row of y it went to (or
+    the zero row M). The backward of a permutation is then a gather too, not the scatter-add
+    autograd would use for ``index_select`` (twice as slow on CPU, measured)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fwd: torch.Tensor, bwd: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bwd)
+        return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, fwd)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (bwd,) = ctx.saved_tensors
+        return torch.cat([g, g.new_zeros(1, g.shape[1])]).index_select(0, bwd), None, None
+
+
 @dataclass
 class TiledPlan:
-    """Block-sparse attention over the live tiles of the domain-sorted sequence.
+    """Block-sparse attention over the live tiles of the domain-grouped layout.
 
-    order [B, Lp]: original position of each slot of the tiled layout (L for an empty slot);
-    inv [B, L]: sorted slot of each original position (Lp for padding: a zero output); q_tile, k_tile [n]: flat (row, tile)
-    indices of the n live tile pairs; weight [n, 1, T, T] = exact mask / N; bias [n, 1, T, T] or None.
+    slot_src [B * Lp]: flat source row (b * L + position) of each slot of the tiled layout
+    (B * L: an empty slot, a zero row); pos_slot [B * L]: flat slot of each position (B * Lp for
+    padding: a zero output); q_tile, k_tile [n]: flat (row, tile) indices of the n live tile
+    pairs; weight [n, 1, T, T] = exact mask / N; bias [n, 1, T, T] or None.
     """
 
-    order: torch.Tensor
-    inv: torch.Tensor
+    slot_src: torch.Tensor
+    pos_slot: torch.Tensor
     q_tile: torch.Tensor
     k_tile: torch.Tensor
     weight: torch.Tensor
@@ -109,17 +127,16 @@ class TiledPlan:
         return int(self.q_tile.numel())
 
     def _tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, h, L, e] -> [B * nT, h, T, e] in the tiled layout. Empty slots read row L - 1: their
-        weights are 0 and their outputs are never read back, so any finite row will do."""
+        """[B, h, L, e] -> [B * nT, h, T, e] (a view) in the tiled layout."""
         B, h, L, e = x.shape
-        Lp = self.order.shape[1]
-        xs = x.gather(2, self.order.clamp(max=L - 1)[:, None, :, None].expand(B, h, Lp, e))
-        return xs.view(B, h, Lp // self.block, self.block, e).transpose(1, 2).reshape(-1, h, self.block, e)
+        rows = x.transpose(1, 2).reshape(B * L, h * e)
+        xs = _RowPermute.apply(rows, self.slot_src, self.pos_slot)  # [B * Lp, h * e]
+        return xs.view(-1, self.block, h, e).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k [B, h, L, d_qk]; v [B, h, L, d_v] -> [B, L, h * d_v]."""
         B, h, L, dv = v.shape
-        T, Lp = self.block, self.order.shape[1]
+        T = self.block
         qt = self._tiles(q).index_select(0, self.q_tile)  # [n, h, T, d_qk]
         kt = self._tiles(k).index_select(0, self.k_tile)
         vt = self._tiles(v).index_select(0, self.k_tile)
@@ -127,11 +144,10 @@ class TiledPlan:
         if self.bias is not None:
             s = s + self.bias
         o = (F.silu(s) * self.weight) @ vt  # [n, h, T, d_v]
-        out = o.new_zeros(B * (Lp // T), h, T, dv).index_add_(0, self.q_tile, o)
-        out = out.view(B, Lp // T, h, T, dv).transpose(1, 2).reshape(B, h, Lp, dv)
-        out = torch.cat([out, out.new_zeros(B, h, 1, dv)], dim=2)  # slot Lp: padding queries
-        out = out.gather(2, self.inv[:, None, :, None].expand(B, h, L, dv))  # back to the original order
-        return _heads_out(out)
+        n_slots = self.slot_src.numel()
+        out = o.new_zeros(n_slots // T, h, T, dv).index_add_(0, self.q_tile, o)
+        out = out.transpose(1, 2).reshape(n_slots, h * dv)
+        return _RowPermute.apply(out, self.pos_slot, self.slot_src).view(B, L, h * dv)  # back to positions
 
 
 def tiled_plan(domains: torch.Tensor, valid: torch.Tensor, bias_fn: BiasFn | None, norm: float,
@@ -159,8 +175,10 @@ def tiled_plan(domains: torch.Tensor, valid: torch.Tensor, bias_fn: BiasFn | Non
     pos = torch.arange(L, device=dev).expand(B, L)
     order = torch.full((B, Lp), L, dtype=torch.long, device=dev)  # L: an empty slot
     order[rows[valid], slot[valid]] = pos[valid]
-    inv = torch.where(valid, slot, torch.full_like(slot, Lp))  # Lp: a zero output slot
     nT = Lp // T
+    row0 = torch.arange(B, device=dev)[:, None]
+    slot_src = torch.where(order < L, row0 * L + order, B * L).reshape(-1)
+    pos_slot = torch.where(valid, row0 * Lp + slot, B * Lp).reshape(-1)
 
     s_valid = order < L
     s_dom = dom.gather(1, order.clamp(max=L - 1)) if L else order
@@ -179,7 +197,7 @@ def tiled_plan(domains: torch.Tensor, valid: torch.Tensor, bias_fn: BiasFn | Non
     if bias_fn is not None:
         # empty slots point at position L: clamp to a real index (their weight is 0 anyway)
         bias = bias_fn(b[:, None, None], pq.clamp(max=L - 1)[:, :, None], pk.clamp(max=L - 1)[:, None, :]).unsqueeze(1)
-    return TiledPlan(order=order, inv=inv, q_tile=q_tile, k_tile=k_tile,
+    return TiledPlan(slot_src=slot_src, pos_slot=pos_slot, q_tile=q_tile, k_tile=k_tile,
                      weight=(m.to(torch.float32) / norm).unsqueeze(1), bias=bias, block=T)
 
 
