@@ -27,7 +27,7 @@ and compared with every D's ``intra``. Two timings are printed:
 ``ideal`` is 1/delta, computed over the batch (sum of S^2 / sum of sum_d s_d^2). ``eff`` is the
 measured attention speedup divided by the ideal; the target is >= 0.8 for S >= 800. Peak memory
 is the extra resident memory of one forward + backward of the layer. On CPU it is measured in a
-forked process (``ru_maxrss`` minus the RSS at the start); on CUDA with
+fresh process (peak RSS of a step above the RSS before it, after a warm-up step); on CUDA with
 ``torch.cuda.max_memory_allocated``.
 Every configuration also checks that intra-tiled and the dense intra-domain reference agree.
 """
@@ -35,10 +35,10 @@ Every configuration also checks that intra-tiled and the dense intra-domain refe
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,28 +131,39 @@ class Case:
 
 
 def peak_mb(case: Case, impl: str) -> float:
-    """Extra peak memory (MiB) of one layer forward + backward."""
+    """Extra peak memory (MiB) of one layer forward + backward. CUDA: allocator statistics. CPU:
+    a fresh interpreter (a fork would inherit, and can deadlock in, the OpenMP thread pool)
+    rebuilds the case, runs one warm-up step, resets its peak RSS and reports the peak of a second
+    step above the RSS before it."""
     if case.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         case.layer_step(impl)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: RSS now, run once, peak RSS
-        os.close(r)
-        with open("/proc/self/statm") as f:
-            rss0 = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
-        case.layer_step(impl)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-        os.write(w, f"{(peak - rss0) / 1024:.1f}".encode())
-        os._exit(0)
-    os.close(w)
-    out = os.read(r, 64).decode()
-    os.waitpid(pid, 0)
-    os.close(r)
-    return float(out) if out else float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "case.pt"
+        torch.save({"dom": case.dom, "valid": case.valid, "ts": case.ts, "block": case.block}, f)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(f), impl], capture_output=True,
+                             text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(path: str, impl: str) -> None:
+    c = torch.load(path)
+    case = Case(c["dom"], c["valid"], c["ts"], torch.device("cpu"), c["block"])
+    case.layer_step(impl)  # warm-up (lazy initialisation), then measure a second step from a reset peak
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    rss0 = _status_kib("VmRSS")
+    case.layer_step(impl)
+    print(f"{(_status_kib('VmHWM') - rss0) / 1024:.1f}")
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
 
 
 def measure(cases: list[Case], repeats: int, memory: bool) -> list[dict]:
@@ -219,7 +230,11 @@ def main() -> int:
     ap.add_argument("--data-root", type=Path, default=Path("data"))
     ap.add_argument("--blocks", action="store_true", help="sweep the tile size: intra attention time per block")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

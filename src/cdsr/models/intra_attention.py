@@ -206,8 +206,8 @@ def auto_block(counts: torch.Tensor, lo: int = 16, hi: int = 128) -> int:
     quarter of the cost-weighted mean run length sum s^2 / sum s, within [lo, hi].
 
     Small tiles waste less at run ends (s T / 2 pairs per run); large ones have less per-tile
-    overhead. On a 2-core CPU, a quarter of the run length measured best or within 10% of it for
-    runs of 100 to 1,000 events (``benchmarks/attention.py --blocks``)."""
+    overhead. On a 2-core CPU this choice measured best, or within 20% of the best, for runs of
+    32 to 1,024 events (``benchmarks/attention.py --blocks``; the worst tiles cost 2-30x)."""
     c = counts.to(torch.float64)
     s_eff = float((c ** 2).sum() / c.sum().clamp_min(1))
     return int(min(max(2 ** round(math.log2(max(s_eff / 4, 1.0))), lo), hi))
