@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cdsr.models.base import Vocab
-from cdsr.models.hstu import HSTU, HSTUConfig, hstu_attention, time_buckets
+from cdsr.models.hstu import HSTU, HSTUConfig, time_buckets
+from cdsr.models.intra_attention import dense_plan
 from cdsr.models.layers import sample_domain_negatives
 
 VOCAB = Vocab(n_items=60, domain_ranges=((1, 30), (31, 60)))
@@ -157,7 +158,7 @@ def test_time_buckets_and_attention_mask():
     assert b[0, 4, 0] == 91 and b.max() <= 128  # dt 1e12 -> floor(27.63 / 0.301)
     q, k, v = torch.randn(3, 2, 2, 5, 4).unbind(0)
     mask = torch.ones(2, 5, 5, dtype=torch.bool).tril()
-    out = hstu_attention(q, k, v, None, mask, 5.0)
+    out = dense_plan(mask, None, 5.0).attend(q, k, v)
     v2 = v.clone()
     v2[..., 3:, :] += 1.0  # keys >= 3 are not visible to queries < 3
-    torch.testing.assert_close(hstu_attention(q, k, v2, None, mask, 5.0)[:, :3], out[:, :3])
+    torch.testing.assert_close(dense_plan(mask, None, 5.0).attend(q, k, v2)[:, :3], out[:, :3])

@@ -55,18 +55,6 @@ class HSTUConfig:
     rel_pos_bias: bool = True
 
 
-def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor | None,
-                   mask: torch.Tensor, norm: float) -> torch.Tensor:
-    """Dense pointwise aggregated attention (Sec. 3.1, Eq. 2): no softmax.
-
-    q, k [B, h, L, d_qk]; v [B, h, L, d_v]; rab [B or 1, 1 or h, L, L] or None; mask [B, L, L]
-    bool (True = query i may use key j); norm: the constant N of "/ N".
-    Returns A V with heads concatenated: [B, L, h * d_v]. The layers go through the plans of
-    :mod:`cdsr.models.intra_attention` (the same computation, dense or block-sparse).
-    """
-    return DensePlan(weight=(mask.to(q.dtype) / norm).unsqueeze(1), bias=rab).attend(q, k, v)
-
-
 def time_buckets(query_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """[B, L, L] bucket of |query_t_i - t_j| = clamp(floor(ln(max(dt, 1)) / 0.301), 0, 128)."""
     return bucketise(query_t.unsqueeze(2) - t.unsqueeze(1))
