@@ -21,7 +21,6 @@ seeds), the change of each variant against HSTU beside the seed's claim, and the
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import cdsr  # noqa: F401
+from _study import study_main
 from cdsr.config import load_params
 from cdsr.train.run import apply_overrides, train_run
 
@@ -124,18 +124,7 @@ def report(dataset: str, out: Path) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="amazon-food-kitchen-benchmark")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1])
-    ap.add_argument("--variants", nargs="+", default=list(GRID), choices=list(GRID))
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override, e.g. train.lr=0.001")
-    ap.add_argument("--out", type=Path, default=Path("runs/hstu_cd"))
-    ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args()
-    if not args.report_only:
-        run_grid(args.dataset, args.seeds, args.out, args.sets, args.variants)
-    print(report(args.dataset, args.out))
-    return 0
+    return study_main(__doc__, GRID, run_grid, report, "runs/hstu_cd")
 
 
 if __name__ == "__main__":

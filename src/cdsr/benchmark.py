@@ -70,12 +70,18 @@ class BenchmarkConfig:
     plots_dir: str = "plots"
     tuned_dir: str = "tuned"
     fail_on_error: bool = True  # the flow fails (after writing the others' results) if a method failed
+    # per-method --set style overrides for this benchmark only, e.g. {gca: [model.layers=1]}
+    # (smaller settings in the default repro); tuned values are applied after them
+    overrides: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise ConfigError("benchmark.methods is empty")
         for m in self.methods:
             parse_method(m)
+        for m, sets in self.overrides.items():
+            if any("=" not in str(x) for x in sets):
+                raise ConfigError(f"benchmark.overrides.{m}: expected key=value strings, got {sets!r}")
 
 
 def benchmark_config(params: dict[str, Any], methods: list[str] | None = None) -> BenchmarkConfig:
@@ -108,10 +114,12 @@ def tuned_overrides(cfg: BenchmarkConfig, dataset: str, model: str) -> dict[str,
 
 
 def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str) -> dict[str, Any]:
-    """params.yaml with the method's tuned values applied (``train.lr``, ``model.d``, ...)."""
+    """params.yaml with the method's ``benchmark.overrides`` and then its tuned values applied
+    (``train.lr``, ``model.d``, ...)."""
     model, _ = parse_method(method)
     tuned = tuned_overrides(cfg, dataset, model)
-    return apply_overrides(params, model, as_overrides(tuned))
+    own = cfg.overrides.get(method, cfg.overrides.get(model, []))
+    return apply_overrides(params, model, [*map(str, own), *as_overrides(tuned)])
 
 
 CODE = ("models", "train", "evaluate", "data/loaders.py", "benchmark.py")  # what a run's results depend on

@@ -273,6 +273,48 @@ def report(
     typer.echo(f"report: {html}")
 
 
+analyze_app = typer.Typer(help="Analyses over sets of runs.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("orthogonality")
+def analyze_orthogonality(
+    dataset: str = DATASET,
+    runs: list[Path] = typer.Option([], "--runs", help="Run directories (searched for history.json) instead of MLflow."),
+    study: Optional[str] = typer.Option(None, "--study", help="Only the trials of this Optuna study (MLflow tag optuna.study)."),
+    filter_string: str = typer.Option("", "--filter", help="An extra MLflow search filter, e.g. \"tags.method = 'gca'\"."),
+    metric: str = typer.Option("NDCG@10", "--metric", help="Validation metric to plot against |cos(X, X')|."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default reports/<dataset>/orthogonality)."),
+    params: Optional[Path] = PARAMS,
+) -> None:
+    """Validation performance against GCA's |cos(X, X')| over a set of runs (seeds 002/003's main figure)."""
+    from cdsr.analysis import curves_from_dirs, curves_from_mlflow, write_analysis
+
+    if runs:
+        curves = curves_from_dirs(runs, metric)
+    else:
+        from cdsr.config import from_dict
+        from cdsr.track import tracking
+
+        tcfg = from_dict(tracking.TrackingConfig, load_params(params).get("mlflow"), "mlflow")
+        tracking.setup(tcfg)
+        try:
+            curves = curves_from_mlflow(tracking.experiment_name(dataset, tcfg), metric, study, filter_string)
+        except FileNotFoundError as exc:
+            _fail(str(exc))
+    out = out or Path("reports") / dataset / "orthogonality"
+    try:
+        s = write_analysis(curves, metric, out)
+    except ValueError as exc:
+        _fail(str(exc))
+    a, e = s["across_runs"], s["all_epochs"]
+    typer.echo(f"{s['runs']} runs: |cos| vs val {metric}: across runs Spearman {a['spearman']:.3f} "
+               f"(Pearson {a['pearson']:.3f}, n={a['n']}); all epochs Spearman {e['spearman']:.3f} (n={e['n']}); "
+               f"mean within-run Spearman {s['within_runs_mean_spearman']:.3f} ({s['within_runs_n']} runs); "
+               f"|cos| first epoch {s['cos_first_epoch_mean']:.3f} -> best epoch {s['cos_best_epoch_mean']:.3f}")
+    typer.echo(f"written: {out}/orthogonality.png, points.csv, summary.json")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -259,7 +259,9 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
                 key = f"val_{val_metric}"
                 if key not in record:
                     return
-                mlflow.log_metric(tracking.metric_key(key), record[key], step=epoch)
+                # every validation number of the epoch (e.g. GCA's |cos|, for `cdsr analyze orthogonality`)
+                mlflow.log_metrics({tracking.metric_key(k): float(v) for k, v in record.items()
+                                    if k.startswith("val_") and isinstance(v, (int, float))}, step=epoch)
                 trial.report(record[key], epoch)
                 if trial.should_prune():
                     mlflow.set_tag("optuna.state", "PRUNED")

@@ -257,3 +257,21 @@ def test_report_command_compares_methods_and_logs_to_mlflow(bench, monkeypatch):
     missing = CliRunner().invoke(app, ["report", "--dataset", "nope", "--metrics-dir", str(tmp / "metrics"),
                                        "--no-mlflow"])
     assert missing.exit_code == 1 and "no metrics files" in missing.output
+
+
+def test_method_overrides_apply_before_tuned_values(tmp_path):
+    """benchmark.overrides: per-method settings for the benchmark only; tuned values win; a
+    malformed entry is a config error."""
+    from cdsr.benchmark import BenchmarkConfig, benchmark_config, method_params
+    from cdsr.config import ConfigError, load_params
+
+    params = load_params(ROOT / "params.yaml")
+    (tmp_path / "tuned" / "t").mkdir(parents=True)
+    (tmp_path / "tuned" / "t" / "gca.json").write_text(json.dumps({"params": {"model.d": 32}}))
+    cfg = BenchmarkConfig(tuned_dir=str(tmp_path / "tuned"), overrides={"gca": ["model.layers=1", "model.d=16"]})
+    p = method_params(params, cfg, "t", "gca")
+    assert p["models"]["gca"]["layers"] == 1 and p["models"]["gca"]["d"] == 32
+    assert method_params(params, cfg, "t", "sasrec")["models"]["sasrec"] == params["models"]["sasrec"]
+    assert benchmark_config(params).overrides == {"gca": ["model.layers=1"]}  # the default repro's small GCA
+    with pytest.raises(ConfigError, match="benchmark.overrides.gca"):
+        BenchmarkConfig(overrides={"gca": ["layers"]})

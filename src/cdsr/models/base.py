@@ -10,7 +10,10 @@ A model is an ``nn.Module`` built from its config dataclass and the dataset's :c
   padding) and the evaluation keeps the columns of the target domain (or all, ``full-all``).
 - optional ``aux_objectives(batch) -> dict[str, Tensor]`` for strategies that need several
   losses kept apart (AutoCDSR's Pareto step), with ``shared_parameters()`` (the parameters the
-  strategy balances the objectives' gradients on) and ``train_strategy`` (see below).
+  strategy balances the objectives' gradients on) and ``train_strategy`` (see below);
+- optional ``epoch_diagnostics(data, eval_cfg, device) -> dict[str, float]``: measurements the
+  training loop adds to each validation epoch's record as ``val_<name>`` (logged to MLflow per
+  epoch), e.g. GCA's |cos(X, X')| on the validation histories.
 
 Batches come from ``cdsr.data.loaders``: ``items, domains, timestamps, mask [B, L]`` (right
 aligned, 0 = padding), ``target_domain [B]`` (the requested domain: known at serving time), and

@@ -50,11 +50,12 @@ class MultiHeadAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + Drop(MHA(LN(x))), then x + Drop(FFN(LN(x)))."""
 
-    def __init__(self, d: int, heads: int, dropout: float, ffn_mult: int = 4):
+    def __init__(self, d: int, heads: int, dropout: float, ffn_mult: int = 4, ffn_dim: int | None = None):
         super().__init__()
+        hidden = ffn_dim or ffn_mult * d
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = MultiHeadAttention(d, heads, dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d))
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
@@ -66,9 +67,9 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """A stack of blocks with a final LayerNorm. Returns (h [B, L, d], per-layer probs)."""
 
-    def __init__(self, d: int, layers: int, heads: int, dropout: float):
+    def __init__(self, d: int, layers: int, heads: int, dropout: float, ffn_dim: int | None = None):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, dropout, ffn_dim=ffn_dim) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):

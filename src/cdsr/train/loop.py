@@ -261,6 +261,9 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
                             val_data.domain_names, eval_cfg)["overall"]
             metric = val[cfg.val_metric]
             record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            diagnose = getattr(model, "epoch_diagnostics", None)  # e.g. GCA's |cos(X, X')| on validation
+            if diagnose is not None:
+                record.update({f"val_{k}": v for k, v in diagnose(val_data, eval_cfg, device).items()})
             if metric > state["best_metric"] + cfg.min_delta:
                 state.update(best_metric=metric, best_epoch=epoch, bad_epochs=0)
                 _save(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "metric": metric})
