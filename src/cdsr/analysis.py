@@ -57,8 +57,8 @@ def curve_from_history(name: str, history: list[dict], metric: str, labels: dict
 def curves_from_dirs(paths: list[Path], metric: str) -> list[RunCurve]:
     """Curves of every run directory under ``paths`` (a ``history.json``, searched recursively)."""
     out = []
-    for p in paths:
-        files = [p] if p.is_file() else sorted(Path(p).rglob("history.json"))
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(p.rglob("history.json"))
         for f in files:
             cfg_file = f.parent / "config.json"
             labels = {}
@@ -180,8 +180,16 @@ def write_analysis(curves: list[RunCurve], metric: str, out_dir: Path) -> dict[s
 
 
 def _group(c: RunCurve) -> str:
-    keys = [k for k in ("method", "variant", "gca_layers", "gate", "gca_ln") if c.labels.get(k) not in (None, "")]
-    return " ".join(f"{c.labels[k]}" for k in keys) or c.labels.get("model") or "runs"
+    """A legend label: method, GCA[placement], gate, LN / no LN (what is known of the run)."""
+    lab = c.labels
+    parts = [str(lab["method"])] if lab.get("method") else []
+    if lab.get("gca_layers") not in (None, ""):
+        parts.append(f"GCA[{str(lab['gca_layers']).strip('[]()').replace(' ', '')}]")
+    if lab.get("gate"):
+        parts.append(str(lab["gate"]))
+    if lab.get("gca_ln") not in (None, ""):
+        parts.append("LN" if str(lab["gca_ln"]).lower() == "true" else "no LN")
+    return " ".join(parts) or lab.get("model") or "runs"
 
 
 def _gca_labels(model_config: dict) -> dict[str, Any]:
