@@ -2,6 +2,7 @@
 
     python benchmarks/gca_study.py --seeds 1 2 3 --variants host early-sig-ln matched-early
     python benchmarks/gca_study.py --report-only
+    python benchmarks/gca_study.py --parameters     # parameter counts of the host, GCA and matched hosts
 
 The grid (METHODS.md "Gated Cross-Attention"; seeds 002/003 Table 1), one config change each:
 
@@ -149,7 +150,37 @@ def report(dataset: str, out: Path) -> str:
     return "\n".join(lines)
 
 
+def parameter_table(dataset: str) -> str:
+    """Parameter counts of the host, host + GCA and the matched hosts of each family (meta device)."""
+    import dataclasses
+
+    from cdsr.models.base import Vocab
+    from cdsr.models.gca import matched_config, n_parameters
+    from cdsr.models.registry import model_config
+    from cdsr.train.run import load_split
+
+    data = load_split(dataset)
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    params = load_params()["models"]
+    host = model_config("dual_stream", params["dual_stream"], "merged")
+    gca = model_config("gca", params["gca"], "merged")
+    lines = [f"host: {n_parameters(host, vocab):,} parameters ({(vocab.n_items + 1) * host.d:,} in the item table)", "",
+             "| GCA layers | host + GCA | matched (auto) | ffn | width | depth |", "|---|---|---|---|---|---|"]
+    for layers in ((0,), (0, 1, 2)):
+        cells = []
+        for by in ("auto", "ffn", "width", "depth"):
+            m = matched_config(dataclasses.replace(host, param_match=layers, param_match_by=by), vocab)
+            cells.append(f"{n_parameters(m, vocab):,} (d {m.d}, {m.layers} layers, FFN {m.ffn_dim or 4 * m.d})")
+        lines.append(f"| {list(layers)} | {n_parameters(dataclasses.replace(gca, gca_layers=layers), vocab):,} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if "--parameters" in sys.argv:  # python benchmarks/gca_study.py --parameters [--dataset D]
+        ds = sys.argv[sys.argv.index("--dataset") + 1] if "--dataset" in sys.argv else "amazon-food-kitchen-benchmark"
+        print(parameter_table(ds))
+        return 0
     return study_main(__doc__, GRID, run_grid, report, "runs/gca")
 
 
