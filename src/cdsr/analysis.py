@@ -148,8 +148,8 @@ def write_analysis(curves: list[RunCurve], metric: str, out_dir: Path) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "points.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "epoch", "cos", f"val_{metric}", "best_epoch", *sorted({k for c in curves for k in c.labels})])
         keys = sorted({k for c in curves for k in c.labels})
+        w.writerow(["run", "epoch", "cos", f"val_{metric}", "best_epoch", *keys])
         for c in curves:
             for i, (e, cs, m) in enumerate(zip(c.epochs, c.cos, c.metric)):
                 w.writerow([c.name, e, repr(cs), repr(m), int(i == c.best), *(c.labels.get(k, "") for k in keys)])

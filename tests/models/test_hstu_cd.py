@@ -11,7 +11,8 @@ from test_hstu import assert_loss_halves, make_batch
 
 from cdsr.models.base import Vocab
 from cdsr.models.hstu import HSTU, HSTUConfig
-from cdsr.models.hstu_cd import TAPE, HSTUCD, HSTUCDConfig, last_state_index, next_domains
+from cdsr.models.hstu_cd import TAPE, HSTUCD, HSTUCDConfig, next_domains
+from cdsr.models.layers import last_state_index
 from cdsr.models.intra_attention import (
     dense_plan,
     domain_delta,

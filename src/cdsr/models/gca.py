@@ -64,8 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.hstu_cd import last_state_index
-from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss
+from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss, last_state_index
 
 
 @dataclass(frozen=True)

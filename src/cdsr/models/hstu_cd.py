@@ -46,6 +46,7 @@ from torch import nn
 from cdsr.models.base import Vocab
 from cdsr.models.hstu import HSTU, HSTUConfig
 from cdsr.models.intra_attention import DensePlan, TiledPlan, dense_plan, intra_domain_mask, tiled_plan
+from cdsr.models.layers import last_state_index
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,6 @@ class TAPE(nn.Module):
     def forward(self, domains: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
         r = self.emb(nxt) * self.proj(self.emb(domains))
         return r * (nxt != domains).unsqueeze(-1)
-
-
-def last_state_index(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> torch.Tensor:
-    """[B, L, D]: index of the last valid position <= i of domain d (-1 if none). Running max."""
-    B, L = domains.shape
-    pos = torch.arange(L, device=domains.device)
-    hit = (domains.unsqueeze(-1) == torch.arange(n_domains, device=domains.device)) & valid.unsqueeze(-1)
-    return torch.where(hit, pos[None, :, None], torch.full_like(pos, -1)[None, :, None]).cummax(dim=1).values
 
 
 class DomainState(nn.Module):

@@ -124,3 +124,11 @@ def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor
     # float32 elementwise product + sum (not autocast-lowered), so bf16 probs lose no precision
     total = sum(((p.float() * cross).sum(-1).sum(1) * q).sum() for p in probs)
     return total / (q.sum() * probs[0].shape[1] * len(probs)).clamp_min(1)
+
+
+def last_state_index(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> torch.Tensor:
+    """[B, L, D]: index of the last valid position <= i of domain d (-1 if none). Running max."""
+    B, L = domains.shape
+    pos = torch.arange(L, device=domains.device)
+    hit = (domains.unsqueeze(-1) == torch.arange(n_domains, device=domains.device)) & valid.unsqueeze(-1)
+    return torch.where(hit, pos[None, :, None], torch.full_like(pos, -1)[None, :, None]).cummax(dim=1).values
