@@ -4,6 +4,7 @@ train the selected variants of a grid for some seeds, then print the report."""
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,3 +23,24 @@ def study_main(doc: str, grid: dict, run_grid: Callable[[str, list[int], Path, l
         run_grid(args.dataset, args.seeds, args.out, args.sets, args.variants)
     print(report(args.dataset, args.out))
     return 0
+
+
+def train_grid(grid: dict[str, tuple[str, tuple[str, ...]]], common: tuple[str, ...], epochs: int,
+               dataset: str, seeds: list[int], out: Path, sets: list[str], variants: list[str],
+               protocol: str = "sampled-999") -> None:
+    """Train every (seed, variant) of ``grid`` (variant -> (model, its --set overrides)) that has no
+    ``metrics.json`` yet into ``<out>/<dataset>/<variant>-s<seed>`` (an interrupted run resumes)."""
+    from cdsr.config import load_params
+    from cdsr.train.run import apply_overrides, train_run
+
+    for seed in seeds:
+        for name in variants:
+            model, own = grid[name]
+            run_dir = out / dataset / f"{name}-s{seed}"
+            if (run_dir / "metrics.json").exists():
+                continue
+            t0 = time.time()
+            params = apply_overrides(load_params(), model, [*common, *own, *sets])
+            m = train_run(dataset, model, "merged", params, run_dir, seed=seed, epochs=epochs)
+            print(f"{dataset} {name}-s{seed}: {time.time() - t0:.0f} s, {protocol} NDCG@10 "
+                  f"{m['protocols'][protocol]['overall']['NDCG@10']:.4f}", flush=True)

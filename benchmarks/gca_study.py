@@ -29,14 +29,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import cdsr  # noqa: F401
-from _study import study_main
+from _study import study_main, train_grid
 from cdsr.analysis import curves_from_dirs, write_analysis
 from cdsr.config import load_params
-from cdsr.train.run import apply_overrides, train_run
 
 GRID: dict[str, tuple[str, tuple[str, ...]]] = {
     "host": ("dual_stream", ()),
@@ -60,17 +58,7 @@ PAPER = {"ABXI (their run)": (0.0593, 0.1541, 0.7205, 0.0416, 0.1093, 0.7180),
 
 
 def run_grid(dataset: str, seeds: list[int], out: Path, sets: list[str], variants: list[str]) -> None:
-    for seed in seeds:
-        for name in variants:
-            model, own = GRID[name]
-            run_dir = out / dataset / f"{name}-s{seed}"
-            if (run_dir / "metrics.json").exists():
-                continue
-            t0 = time.time()
-            params = apply_overrides(load_params(), model, [*COMMON, *own, *sets])
-            m = train_run(dataset, model, "merged", params, run_dir, seed=seed, epochs=EPOCHS)
-            print(f"{dataset} {name}-s{seed}: {time.time() - t0:.0f} s, sampled-999 NDCG@10 "
-                  f"{m['protocols']['sampled-999']['overall']['NDCG@10']:.4f}", flush=True)
+    train_grid(GRID, COMMON, EPOCHS, dataset, seeds, out, sets, variants, "sampled-999")
 
 
 def _ms(xs: list[float]) -> str:

@@ -10,3 +10,21 @@ from cdsr.data.config import DatasetConfig, dataset_config
 def make_cfg(**entry: Any) -> DatasetConfig:
     entry.setdefault("sources", [{"format": "interaction-csv", "path": "unused.csv"}])
     return dataset_config({"datasets": {"t": entry}}, "t")
+
+
+def fit_batch(model, batch: dict, steps: int, lr: float = 1e-2) -> list[float]:
+    """Adam steps on one fixed batch (a seeded draw per step); returns the losses. For "the model
+    can fit" tests: every part of the model gets a gradient."""
+    import torch
+
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        loss = model.loss(batch)["loss"]
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses

@@ -154,6 +154,7 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="test or valid."),
     exclude_history: Optional[bool] = typer.Option(None, "--exclude-history/--keep-history", help="Remove history items from full-ranking candidates."),
     out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON to write (default <run>/eval-<split>.json)."),
+    set_: list[str] = typer.Option([], "--set", help="An inference-time model setting, e.g. model.t_inf=5 (DPG-Diff's reverse steps); parameters stay as trained."),
 ) -> None:
     """Evaluate a trained run's best checkpoint under named protocols; writes a metrics JSON."""
     from cdsr.train.run import evaluate_run
@@ -161,8 +162,8 @@ def evaluate(
     if not (run / "config.json").exists():
         _fail(f"{run}: not a run directory (no config.json)")
     try:
-        m = evaluate_run(run, protocol, split, exclude_history)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        m = evaluate_run(run, protocol, split, exclude_history, set_)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
     dest = out or run / f"eval-{split}.json"
     dest.write_text(json.dumps(m, indent=2) + "\n")

@@ -110,13 +110,16 @@ def test_metric_values_by_hand():
     assert m["NDCG@10"] == pytest.approx((g[1] + g[2] + g[3] + g[10]) / n)
     assert m["NDCG@100"] == pytest.approx((g[1] + g[2] + g[3] + g[10] + g[11] + g[100]) / n)
     assert m["MRR"] == pytest.approx(sum(1 / r for r in (1, 2, 3, 10, 11, 100, 101)) / n)  # no cut-off
+    assert m["MRR@1"] == pytest.approx(1 / n)
+    assert m["MRR@10"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 10) / n)
+    assert m["MRR@100"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 10 + 1 / 11 + 1 / 100) / n)
     assert "AUC" not in m
-    assert set(m) == {"n", "MRR"} | {f"{x}@{k}" for x in ("HR", "NDCG") for k in (1, 5, 10, 100)}
+    assert set(m) == {"n", "MRR"} | {f"{x}@{k}" for x in ("HR", "NDCG", "MRR") for k in (1, 5, 10, 100)}
 
 
 def test_default_keys():
     m = metrics_from_ranks(torch.tensor([1, 7]), torch.tensor([10, 10]), auc=True)
-    assert set(m) == {"n", "MRR", "AUC"} | {f"{x}@{k}" for x in ("HR", "NDCG") for k in KS}
+    assert set(m) == {"n", "MRR", "AUC"} | {f"{x}@{k}" for x in ("HR", "NDCG", "MRR") for k in KS}
     assert KS == (1, 5, 10, 20, 50, 100)
 
 

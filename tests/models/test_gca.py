@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cdsr.models.base import Vocab
+from helpers import fit_batch
 from cdsr.models.gca import GCA, DualStreamConfig, domain_streams, matched_config, n_parameters, stream_slots
 from cdsr.models.registry import build_model, model_config
 
@@ -170,16 +171,7 @@ def test_left_padding_invariance_and_score_ignores_targets():
 @pytest.mark.parametrize("name,extra", [("dual_stream", {}), ("gca", {"gca_layers": [0, 1], "gate": "tanh", "alpha_init": 0.1})])
 def test_loss_decreases(name, extra):
     m, b = _model(name, **extra), _batch(B=16)
-    m.train()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    losses = []
-    for step in range(60):
-        torch.manual_seed(step)
-        loss = m.loss(b)["loss"]
-        losses.append(float(loss.detach()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = fit_batch(m, b, 60)
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     if name == "gca":
         assert all(p.grad is not None for p in m.gca.parameters())

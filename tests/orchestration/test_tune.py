@@ -357,3 +357,23 @@ def test_killed_tune_resumes_and_retries_the_stale_trial_from_its_checkpoint(tmp
     history = json.loads((runs / "trial-0" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(done + 2))
     assert not (runs / f"trial-{retry.number}").exists()
+
+
+def test_every_registered_model_has_a_search_space_of_real_fields():
+    """`cdsr tune --model M` works for every model: params.yaml has its search space, and each
+    key names a field of the model's config dataclass or of TrainConfig."""
+    import dataclasses
+
+    from cdsr.config import load_params
+    from cdsr.models.registry import MODELS
+    from cdsr.train.loop import TrainConfig
+
+    spaces = load_params()["tune"]["search_space"]
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, spec in MODELS.items():
+        assert name in spaces, f"tune.search_space has no entry for {name}"
+        model_fields = {f.name for f in dataclasses.fields(spec.config)}
+        for key in spaces[name]:
+            section, field = key.split(".", 1)
+            root = field.split(".", 1)[0]
+            assert (section == "model" and root in model_fields) or (section == "train" and root in train_fields), (name, key)

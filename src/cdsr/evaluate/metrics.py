@@ -69,12 +69,13 @@ def ranks_sampled(scores: Tensor, n_valid: Tensor) -> Tensor:
 
 def metrics_from_ranks(ranks: Tensor, n_candidates: Tensor, ks: tuple[int, ...] = KS,
                        auc: bool = False) -> dict[str, float]:
-    """Means over rows of HR@k, NDCG@k (k in ``ks``), MRR and optionally AUC.
+    """Means over rows of HR@k, NDCG@k, MRR@k (k in ``ks``), MRR and optionally AUC.
 
     ranks        [N] long, 1-based rank of the target
     n_candidates [N] long, number of candidates including the target (so n_candidates - 1
                  negatives); only AUC uses it
-    Returns {"n": N, "HR@k": ..., "NDCG@k": ..., "MRR": ..., ["AUC": ...]}. With a single
+    Returns {"n": N, "HR@k": ..., "NDCG@k": ..., "MRR@k": ..., "MRR": ..., ["AUC": ...]}; MRR@k
+    counts 1 / rank only when rank <= k (DPG-Diff's MRR@10), MRR has no cut-off. With a single
     relevant item the ideal DCG is 1, so NDCG@k = 1 / log2(rank + 1) when rank <= k, else 0.
     AUC = 1 - (rank - 1) / (n_candidates - 1): the fraction of negatives ranked below the
     target; a row without negatives counts as AUC 1 (nothing was ranked above the target).
@@ -85,7 +86,7 @@ def metrics_from_ranks(ranks: Tensor, n_candidates: Tensor, ks: tuple[int, ...] 
     out: dict[str, float] = {"n": n}
     if n == 0:
         for k in ks:
-            out[f"HR@{k}"] = out[f"NDCG@{k}"] = float("nan")
+            out[f"HR@{k}"] = out[f"NDCG@{k}"] = out[f"MRR@{k}"] = float("nan")
         out["MRR"] = float("nan")
         if auc:
             out["AUC"] = float("nan")
@@ -97,6 +98,7 @@ def metrics_from_ranks(ranks: Tensor, n_candidates: Tensor, ks: tuple[int, ...] 
         hit = r <= k
         out[f"HR@{k}"] = float(hit.double().mean())
         out[f"NDCG@{k}"] = float(torch.where(hit, gain, torch.zeros_like(gain)).mean())
+        out[f"MRR@{k}"] = float(torch.where(hit, 1.0 / r, torch.zeros_like(r)).mean())
     out["MRR"] = float((1.0 / r).mean())
     if auc:
         c = n_candidates.detach().to("cpu", torch.float64).reshape(-1)

@@ -64,7 +64,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss, last_state_index
+from cdsr.models.layers import (  # noqa: F401  (domain_streams, stream_slots: re-exported for tests)
+    Encoder,
+    attention_mask,
+    domain_softmax_loss,
+    domain_streams,
+    dot_scores,
+    stream_slots,
+    stream_states,
+    subsequence_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -90,34 +99,6 @@ class DualStreamConfig:
 @dataclass(frozen=True)
 class GCAConfig(DualStreamConfig):
     gca_layers: tuple[int, ...] = (0,)
-
-
-def domain_streams(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per domain a: (order [B, L_a] merged positions of a's events in time order, right-aligned;
-    valid [B, L_a]). Entries left of a row's a-events are other positions, marked invalid."""
-    B, L = domains.shape
-    pos = torch.arange(L, device=domains.device)
-    out = []
-    for a in range(n_domains):
-        hit = valid & (domains == a)
-        La = max(int(hit.sum(1).max()), 1)
-        order = torch.where(hit, pos + L, pos).argsort(dim=1)[:, L - La:]  # distinct keys: hits last, in time order
-        out.append((order, hit.gather(1, order)))
-    return out
-
-
-def stream_slots(order: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:
-    """[B, L]: the stream index of each merged position of the stream's domain (-1 elsewhere)."""
-    B, La = order.shape
-    slot = torch.full((B, L + 1), -1, dtype=torch.long, device=order.device)
-    col = torch.arange(La, device=order.device).expand(B, -1)
-    return slot.scatter(1, torch.where(valid, order, L), col)[:, :L]
-
-
-def subsequence_positions(valid: torch.Tensor) -> torch.Tensor:
-    """[B, L_a] 0, 1, ... over a right-aligned stream's valid entries, counted from its first
-    event (padding: 0)."""
-    return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
 class CrossAttention(nn.Module):
@@ -247,12 +228,7 @@ class DualStream(SeqRecModel):
             xs = cross(layer + 1, xs)
         xs = [self.streams[a].ln(xs[a]) for a in range(D)]
 
-        last = torch.stack([stream_slots(o, v, L) for o, v in layout], -1)  # [B, L, D] slot of position i
-        at = last_state_index(doms, mask, D)  # [B, L, D] merged index of the last d-event <= i
-        sl = last.gather(1, at.clamp(min=0))  # [B, L, D] its slot in stream d
-        S = torch.stack([xs[a].gather(1, sl[..., a].clamp(min=0)[..., None].expand(-1, -1, self.cfg.d))
-                         for a in range(D)], 2)
-        S = torch.where((at >= 0).unsqueeze(-1), S, self.empty)
+        S = stream_states(xs, layout, doms, mask, self.empty)
         return h_m, S
 
     def represent(self, h_m: torch.Tensor, S: torch.Tensor, tdom: torch.Tensor) -> torch.Tensor:
@@ -271,11 +247,7 @@ class DualStream(SeqRecModel):
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
         h_m, S = self.encode(batch)
         q = self.represent(h_m[:, -1], S[:, -1], batch["target_domain"].to(h_m.device))
-        if candidates is None:
-            s = q @ self.item_emb.weight.T
-            s[:, 0] = float("-inf")
-            return s
-        return torch.einsum("bd,bcd->bc", q, self.item_emb(candidates))
+        return dot_scores(q, self.item_emb.weight, candidates)
 
     @torch.no_grad()
     def orthogonality(self, batch_iter) -> dict[str, float]:

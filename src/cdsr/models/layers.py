@@ -132,3 +132,58 @@ def last_state_index(domains: torch.Tensor, valid: torch.Tensor, n_domains: int)
     pos = torch.arange(L, device=domains.device)
     hit = (domains.unsqueeze(-1) == torch.arange(n_domains, device=domains.device)) & valid.unsqueeze(-1)
     return torch.where(hit, pos[None, :, None], torch.full_like(pos, -1)[None, :, None]).cummax(dim=1).values
+
+
+def domain_streams(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per domain a: (order [B, L_a] merged positions of a's events in time order, right-aligned;
+    valid [B, L_a]). Entries left of a row's a-events are other positions, marked invalid."""
+    B, L = domains.shape
+    pos = torch.arange(L, device=domains.device)
+    out = []
+    for a in range(n_domains):
+        hit = valid & (domains == a)
+        La = max(int(hit.sum(1).max()), 1)
+        order = torch.where(hit, pos + L, pos).argsort(dim=1)[:, L - La:]  # distinct keys: hits last, in time order
+        out.append((order, hit.gather(1, order)))
+    return out
+
+
+def stream_slots(order: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:
+    """[B, L]: the stream index of each merged position of the stream's domain (-1 elsewhere)."""
+    B, La = order.shape
+    slot = torch.full((B, L + 1), -1, dtype=torch.long, device=order.device)
+    col = torch.arange(La, device=order.device).expand(B, -1)
+    return slot.scatter(1, torch.where(valid, order, L), col)[:, :L]
+
+
+def subsequence_positions(valid: torch.Tensor) -> torch.Tensor:
+    """[B, L_a] 0, 1, ... over a right-aligned stream's valid entries, counted from its first
+    event (padding: 0)."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def stream_states(xs: list[torch.Tensor], layout: list[tuple[torch.Tensor, torch.Tensor]], domains: torch.Tensor,
+                  valid: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """[B, L, D, d]: each domain stream's state at its last event <= merged position i.
+
+    xs: per domain a the encoded stream [B, L_a, d] of ``layout`` (:func:`domain_streams`);
+    domains / valid [B, L] of the merged window; ``empty`` [D, d] is used where domain a has no
+    event <= i in the window."""
+    L, D = domains.shape[1], len(xs)
+    slots = torch.stack([stream_slots(o, v, L) for o, v in layout], -1)  # [B, L, D] slot of position i
+    at = last_state_index(domains, valid, D)  # [B, L, D] merged index of the last d-event <= i
+    sl = slots.gather(1, at.clamp(min=0))  # [B, L, D] its slot in stream d
+    d = xs[0].shape[-1]
+    S = torch.stack([xs[a].gather(1, sl[..., a].clamp(min=0)[..., None].expand(-1, -1, d)) for a in range(D)], 2)
+    return torch.where((at >= 0).unsqueeze(-1), S, empty)
+
+
+def dot_scores(q: torch.Tensor, item_emb: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    """The model interface's scores from user vectors q [B, d] and the (tied) item table
+    [n_items + 1, d]: [B, n_items + 1] over every item (column 0, padding, is -inf) when
+    ``candidates`` is None, else [B, C] for the candidate ids [B, C]."""
+    if candidates is None:
+        s = q @ item_emb.T
+        s[:, 0] = float("-inf")
+        return s
+    return torch.einsum("bd,bcd->bc", q, item_emb[candidates])

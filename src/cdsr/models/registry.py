@@ -17,6 +17,7 @@ from cdsr.models.autocdsr import (
 )
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.bert4rec import BERT4Rec, BERT4RecConfig
+from cdsr.models.dpg import DPGConfig, DPGDiff
 from cdsr.models.gca import DualStream, DualStreamConfig, GCAConfig
 from cdsr.models.hstu import HSTU, HSTUConfig
 from cdsr.models.hstu_cd import HSTUCD, HSTUCDConfig
@@ -44,6 +45,8 @@ MODELS: dict[str, ModelSpec] = {
                              "Dual-stream host: merged + per-domain causal encoders, shared item embeddings (param_match: sized baseline)"),
     "gca": ModelSpec(DualStream, GCAConfig, ("merged",),
                      "Gated Cross-Attention (seeds 002/003) on the dual-stream host: X_a + g(alpha) CA(LN(X_a), X_b), time-causal; logs |cos(X, X')|"),
+    "dpg": ModelSpec(DPGDiff, DPGConfig, ("merged",),
+                     "DPG-Diff (seed 004): disentangled per-domain guidance, guided x0-diffusion denoiser, tri-view InfoNCE"),
     "autocdsr_sasrec": ModelSpec(AutoCDSRSASRec, AutoCDSRSASRecConfig, ("merged",),
                                  "AutoCDSR (KDD 2025) on SASRec: cross-domain attention mass, Pareto (MGDA) step"),
     "autocdsr_bert4rec": ModelSpec(AutoCDSRBERT4Rec, AutoCDSRBERT4RecConfig, ("merged",),

@@ -135,12 +135,22 @@ def fit_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_
     return out
 
 
-def load_run_models(run_dir: Path, data: SplitData) -> list[tuple[str | None, SplitData, torch.nn.Module]]:
+def load_run_models(run_dir: Path, data: SplitData, model_sets: list[str] | tuple[str, ...] = ()
+                    ) -> list[tuple[str | None, SplitData, torch.nn.Module]]:
     """The best checkpoint(s) of a run with the data view each one serves: one for ``merged``,
-    one per domain for ``single``."""
+    one per domain for ``single``. ``model_sets`` (``model.key=value``) change the trained
+    model's config before loading, for settings that leave the parameters as they are (e.g.
+    DPG-Diff's inference steps ``model.t_inf=5``); one that changes a parameter's shape fails
+    to load, naming it."""
     config = json.loads((run_dir / "config.json").read_text())
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
-    mcfg = model_config(config["model"], config["model_config"], config["variant"])
+    section = dict(config["model_config"])
+    for item in model_sets:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("model.") or "=" not in item:
+            raise ConfigError(f"--set {item!r}: only model.<field>=value applies to a trained run")
+        section = apply_overrides({"models": {config["model"]: section}}, config["model"], [item])["models"][config["model"]]
+    mcfg = model_config(config["model"], section, config["variant"])
     device = pick_device(config["train"]["device"])
     out = []
     for name, view in _parts(data, config["variant"]):
@@ -184,14 +194,16 @@ def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], ou
     return metrics
 
 
-def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclude_history: bool | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run's best checkpoint(s) under the given protocols."""
+def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclude_history: bool | None = None,
+                 model_sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Re-evaluate a finished run's best checkpoint(s) under the given protocols (``model_sets``:
+    see :func:`load_run_models`)."""
     config = json.loads((run_dir / "config.json").read_text())
     data = load_split(config["dataset"], config["data_root"])
     ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
     ev = dataclasses.replace(ev, protocols=list(protocols),
                              exclude_history=ev.exclude_history if exclude_history is None else exclude_history)
-    models = load_run_models(run_dir, data)
+    models = load_run_models(run_dir, data, model_sets)
     return {"dataset": config["dataset"], "model": config["model"], "variant": config["variant"], "split": split,
-            "exclude_history": ev.exclude_history,
+            "exclude_history": ev.exclude_history, "model_sets": list(model_sets),
             "protocols": {p: summarise(rank_run(models, split, p, ev), data.domain_names, ev) for p in protocols}}
