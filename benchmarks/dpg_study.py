@@ -40,7 +40,7 @@ from _study import study_main, train_grid
 from cdsr.config import from_dict
 from cdsr.evaluate.protocols import EvalConfig, summarise
 from cdsr.evaluate.robustness import RobustnessConfig, inference_curves
-from cdsr.train.run import load_run_models, load_split, rank_run
+from cdsr.train.run import load_run_models, load_split, rank_run, score_run
 
 GRID: dict[str, tuple[str, tuple[str, ...]]] = {
     "sasrec": ("sasrec", ()),
@@ -73,6 +73,18 @@ def _runs(dataset: str, out: Path) -> dict[str, list[Path]]:
     return {k: v for k, v in found.items() if v}
 
 
+def _metrics(run: Path) -> dict:
+    """A run's metrics.json; a run scored before MRR@k existed (the GCA study's) is re-scored once
+    from its best checkpoint (same protocols) into ``metrics-rescored.json``."""
+    m = json.loads((run / "metrics.json").read_text())
+    if "MRR@10" in m["protocols"]["full"]["overall"]:
+        return m
+    cache = run / "metrics-rescored.json"
+    if not cache.exists():
+        cache.write_text(json.dumps({**m, **score_run(run)}, indent=2) + "\n")
+    return json.loads(cache.read_text())
+
+
 def _eval_cfg(run: Path) -> EvalConfig:
     return from_dict(EvalConfig, json.loads((run / "config.json").read_text())["evaluate"], "evaluate")
 
@@ -100,7 +112,7 @@ def sweep(dataset: str, out: Path) -> None:
                 t0 = time.perf_counter()
                 res = rank_run([(None, view, net)], "test", proto, ev)
                 row[f"{proto}_seconds"] = time.perf_counter() - t0
-                row[f"{proto}_ms_per_user"] = 1000 * row[f"{proto}_seconds"] / res.n
+                row[f"{proto}_ms_per_user"] = 1000 * row[f"{proto}_seconds"] / len(res)
                 row[proto] = summarise(res, data.domain_names, ev)
             rows.append(row)
             print(f"{run.name} t_inf={t}: full NDCG@10 {row['full']['overall']['NDCG@10']:.4f}, "
@@ -131,7 +143,7 @@ def report(dataset: str, out: Path) -> str:
     runs = _runs(dataset, out)
     if not runs:
         return f"no runs under {out / dataset}"
-    ms = {k: [json.loads((r / "metrics.json").read_text()) for r in v] for k, v in runs.items()}
+    ms = {k: [_metrics(r) for r in v] for k, v in runs.items()}
     domains = list(next(iter(ms.values()))[0]["protocols"]["full"]["domains"])
     short = [d.split("_")[0] for d in domains]
     lines = []
