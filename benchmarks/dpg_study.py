@@ -14,6 +14,7 @@ The grid (METHODS.md "DPG-Diff"; seed 004 Table 3), one config change each:
     dpg-no-cl         without tri-view contrastive learning (lambda_cl = 0)
     dpg-no-guidance   the denoiser sees x_t and t only (guidance = none)
     dpg-concat        cross-attention to the guidance replaced by concatenation (guidance = concat)
+    dpg-rec-x0        ours, not the seed's: the softmax loss also on x_0 (lambda_rec_x0 = 1)
 
 plus, read from ``runs/gca`` when present, the best method of the earlier studies (GCA_stack,
 ``stack-sig-ln``, trained with the same settings). Each run is ``cdsr.train.run.train_run`` (what
@@ -48,6 +49,7 @@ GRID: dict[str, tuple[str, tuple[str, ...]]] = {
     "dpg-no-cl": ("dpg", ("model.lambda_cl=0",)),
     "dpg-no-guidance": ("dpg", ("model.guidance=none",)),
     "dpg-concat": ("dpg", ("model.guidance=concat",)),
+    "dpg-rec-x0": ("dpg", ("model.lambda_rec_x0=1.0",)),
 }
 COMMON = ("evaluate.protocols=[sampled-999,full]", "train.patience=3")  # as benchmarks/gca_study.py
 EPOCHS = 20

@@ -125,6 +125,10 @@ def test_loss_terms_are_reported_and_weighted():
     torch.manual_seed(1)
     out0 = m0.loss(b)
     assert "cl" not in out0 and float(out0["loss"]) == pytest.approx(float(out0["rec"] + 0.1 * out0["diff"]), rel=1e-5)
+    m2 = _model(lambda_cl=0.0, lambda_rec_x0=0.5).train()
+    torch.manual_seed(1)
+    out2 = m2.loss(b)
+    assert float(out2["loss"]) == pytest.approx(float(out2["rec"] + 0.1 * out2["diff"] + 0.5 * out2["rec_x0"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("guidance", ["cross_attention", "concat", "none"])

@@ -41,6 +41,10 @@ NOTE (our choices where the seed is silent):
 - the domain encoders share the item embeddings with Encoder_c (one table, tied to the output);
 - ``lambda_diff`` defaults to 0.1: in a 3-epoch pilot on Food-Kitchen (seed 1) validation NDCG@10
   was 0.0054 at 0.1 and 0.0041 at 1.0 (L_diff then dominates and shrinks x_0's scale);
+- ``lambda_rec_x0`` (default 0, so off) adds the softmax loss on x_0 itself. It is not in the
+  seed. On the synthetic data after 15 epochs (seed 1, full NDCG@10) it lifts DPG-Diff from
+  0.161 to 0.219; SASRec gets 0.244. Turning off L_cl (0.164) or L_diff (0.171) does much less:
+  the slow part is that L_rec reaches x_0 only through a noised x_t;
 - the inference noise is drawn from a generator seeded with ``inference_seed`` at every score
   call, so evaluation is reproducible; the denoiser does not attend to the merged sequence states
   (the spec's "optionally").
@@ -91,6 +95,7 @@ class DPGConfig:
     lambda_diff: float = 0.1
     detach_x0: bool = False  # stop the gradient of L_diff into x_0 (the encoder then learns through x_t only)
     lambda_cl: float = 0.1  # 0: no tri-view contrastive learning (ablation)
+    lambda_rec_x0: float = 0.0  # the same softmax loss on x_0 itself (not in the seed; off by default)
     tau: float = 0.2
     augmentations: tuple[str, ...] = ("crop", "mask", "reorder", "substitute", "insert")
     aug_rate: float = 0.2
@@ -236,6 +241,10 @@ class DPGDiff(SeqRecModel):
         l_diff = F.mse_loss(x0_hat, x0.detach() if self.cfg.detach_x0 else x0)
         out = {"rec": l_rec.detach(), "diff": l_diff.detach()}
         total = l_rec + self.cfg.lambda_diff * l_diff
+        if self.cfg.lambda_rec_x0 > 0:
+            l_x0 = domain_softmax_loss(x0, tgt, tdom, self.item_emb.weight, self.vocab.domain_ranges)
+            total = total + self.cfg.lambda_rec_x0 * l_x0
+            out["rec_x0"] = l_x0.detach()
         if self.cfg.lambda_cl > 0:
             # the last position of each row (right-aligned) whose target is trained: one anchor per user
             last = valid[:, -1]
