@@ -272,6 +272,7 @@ def test_method_overrides_apply_before_tuned_values(tmp_path):
     p = method_params(params, cfg, "t", "gca")
     assert p["models"]["gca"]["layers"] == 1 and p["models"]["gca"]["d"] == 32
     assert method_params(params, cfg, "t", "sasrec")["models"]["sasrec"] == params["models"]["sasrec"]
-    assert benchmark_config(params).overrides == {"gca": ["model.layers=1"], "dpg": ["model.layers=1", "model.d=32"]}  # the default repro's small settings
+    assert benchmark_config(params).overrides == {"hstu_cd": ["model.layers=1"], "gca": ["model.layers=1"],
+                                                  "dpg": ["model.layers=1", "model.d=32"]}  # the default repro's small settings
     with pytest.raises(ConfigError, match="benchmark.overrides.gca"):
         BenchmarkConfig(overrides={"gca": ["layers"]})
