@@ -134,8 +134,7 @@ def robustness(dataset: str, out: Path) -> None:
         print(f"{run.name}: robustness in {time.time() - t0:.0f} s", flush=True)
 
 
-def _ms(xs: list[float], scale: float = 1.0) -> str:
-    xs = [x * scale for x in xs]
+def _ms(xs: list[float]) -> str:
     if len(xs) == 1:
         return f"{xs[0]:.4f}"
     return f"{statistics.mean(xs):.4f} +- {statistics.stdev(xs):.4f}"
