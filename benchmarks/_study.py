@@ -44,3 +44,13 @@ def train_grid(grid: dict[str, tuple[str, tuple[str, ...]]], common: tuple[str, 
             m = train_run(dataset, model, "merged", params, run_dir, seed=seed, epochs=epochs)
             print(f"{dataset} {name}-s{seed}: {time.time() - t0:.0f} s, {protocol} NDCG@10 "
                   f"{m['protocols'][protocol]['overall']['NDCG@10']:.4f}", flush=True)
+
+
+def fit_rows(runs: list[dict]) -> tuple[str, float, list[dict]]:
+    """For the metrics.json of a variant's runs: "epochs run (1-based best), ...", mean wall
+    seconds per epoch, and each run's epoch record at its best epoch ({} if absent)."""
+    fits = [r["fit"]["merged"] for r in runs]
+    epochs = ", ".join(f"{f['epochs_run']} ({f['best_epoch'] + 1})" for f in fits)
+    per_epoch = sum(f["train_seconds"] / max(f["epochs_run"], 1) for f in fits) / len(fits)
+    best = [next((h for h in r["history"]["merged"] if h["epoch"] == f["best_epoch"]), {}) for r, f in zip(runs, fits)]
+    return epochs, per_epoch, best

@@ -37,7 +37,7 @@ from pathlib import Path
 
 
 import cdsr  # noqa: F401
-from _study import study_main, train_grid
+from _study import fit_rows, study_main, train_grid
 from cdsr.config import from_dict
 from cdsr.evaluate.protocols import EvalConfig, summarise
 from cdsr.evaluate.robustness import RobustnessConfig, inference_curves
@@ -177,12 +177,9 @@ def report(dataset: str, out: Path) -> str:
     lines += ["| method | epochs run (best) | s / epoch (wall, as run) | loss terms at the best epoch (rec / diff / cl) |",
               "|---|---|---|---|"]
     for name, rs in ms.items():
-        fits = [r["fit"]["merged"] for r in rs]
-        ep = ", ".join(f"{f['epochs_run']} ({f['best_epoch'] + 1})" for f in fits)
-        spe = statistics.mean(f["train_seconds"] / max(f["epochs_run"], 1) for f in fits)
+        ep, spe, best = fit_rows(rs)
         terms = []
-        for r, f in zip(rs, fits):
-            rec = next((h for h in r["history"]["merged"] if h["epoch"] == f["best_epoch"]), {})
+        for rec in best:
             if "rec" in rec:
                 terms.append("/".join(f"{rec[k]:.3f}" for k in ("rec", "diff", "cl") if k in rec))
         lines.append(f"| {name} | {ep} | {spe:.0f} | {'; '.join(terms) or '-'} |")

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 import cdsr  # noqa: F401
-from _study import study_main, train_grid
+from _study import fit_rows, study_main, train_grid
 from cdsr.analysis import curves_from_dirs, write_analysis
 from cdsr.config import load_params
 
@@ -113,12 +113,9 @@ def report(dataset: str, out: Path) -> str:
     lines += ["", "| variant | epochs run (best) | s / epoch (wall, as run) | best-epoch |cos(X, X')| per module, domain |",
               "|---|---|---|---|"]
     for name, rs in runs.items():
-        fits = [r["fit"]["merged"] for r in rs]
-        ep = ", ".join(f"{f['epochs_run']} ({f['best_epoch'] + 1})" for f in fits)
-        spe = statistics.mean(f["train_seconds"] / max(f["epochs_run"], 1) for f in fits)
+        ep, spe, best = fit_rows(rs)
         cos = []
-        for r, f in zip(rs, fits):
-            rec = next((h for h in r["history"]["merged"] if h["epoch"] == f["best_epoch"]), {})
+        for rec in best:
             cos.append(" ".join(f"{k[len('val_cos_'):]}={v:.3f}" for k, v in rec.items()
                                 if k.startswith("val_cos_gca") and k.count("_") > 2))
         lines.append(f"| {name} | {ep} | {spe:.0f} | {'; '.join(c for c in cos if c) or '-'} |")
