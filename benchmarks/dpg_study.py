@@ -2,6 +2,7 @@
 stress-test robustness, then report.
 
     python benchmarks/dpg_study.py --seeds 1 2 3 --variants sasrec dpg     # train (resumable)
+    python benchmarks/dpg_study.py --seeds 1 --variants gca-stack
     python benchmarks/dpg_study.py --seeds 1 --variants dpg-no-cl dpg-no-guidance dpg-concat
     python benchmarks/dpg_study.py --sweep          # t_inf in {1, 2, 5, 10, 20} on every dpg run
     python benchmarks/dpg_study.py --robustness     # substitute / insert 10-30% on test histories
@@ -11,13 +12,14 @@ The grid (METHODS.md "DPG-Diff"; seed 004 Table 3), one config change each:
 
     sasrec            the merged SASRec baseline
     dpg               DPG-Diff, params.yaml defaults
-    dpg-no-cl         without tri-view contrastive learning (lambda_cl = 0)
+    dpg-no-cl         without tri-view contrastive learning (lambda_cl = 0); this and the next
+                      two: at most 10 epochs
     dpg-no-guidance   the denoiser sees x_t and t only (guidance = none)
     dpg-concat        cross-attention to the guidance replaced by concatenation (guidance = concat)
     dpg-rec-x0        ours, not the seed's: the softmax loss also on x_0 (lambda_rec_x0 = 1)
+    gca-stack         the best method of the earlier studies (GCA_stack; gca_study.py stack-sig-ln)
 
-plus, read from ``runs/gca`` when present, the best method of the earlier studies (GCA_stack,
-``stack-sig-ln``, trained with the same settings). Each run is ``cdsr.train.run.train_run`` (what
+Each run is ``cdsr.train.run.train_run`` (what
 ``cdsr train`` calls) into ``<out>/<dataset>/<variant>-s<seed>``: early stopping on validation
 NDCG@10 under ``full`` (patience 3, at most 20 epochs); test metrics under ``sampled-999`` and
 ``full``. ``--sweep`` re-scores each finished DPG run's best checkpoint with every t_inf (and 0:
@@ -41,19 +43,24 @@ from _study import fit_rows, study_main, train_grid
 from cdsr.config import from_dict
 from cdsr.evaluate.protocols import EvalConfig, summarise
 from cdsr.evaluate.robustness import RobustnessConfig, inference_curves
-from cdsr.train.run import load_run_models, load_split, rank_run, score_run
+from cdsr.train.run import load_run_models, load_split, rank_run
 
+ABLATION_BUDGET = "train.epochs=10"
 GRID: dict[str, tuple[str, tuple[str, ...]]] = {
     "sasrec": ("sasrec", ()),
     "dpg": ("dpg", ()),
-    "dpg-no-cl": ("dpg", ("model.lambda_cl=0",)),
-    "dpg-no-guidance": ("dpg", ("model.guidance=none",)),
-    "dpg-concat": ("dpg", ("model.guidance=concat",)),
+    # NOTE: the ablations train for 10 epochs, not 20: a 2-core VM does not fit three more
+    # 35-minute runs next to the main grid. The report compares them at matched epochs too.
+    "dpg-no-cl": ("dpg", ("model.lambda_cl=0", ABLATION_BUDGET)),
+    "dpg-no-guidance": ("dpg", ("model.guidance=none", ABLATION_BUDGET)),
+    "dpg-concat": ("dpg", ("model.guidance=concat", ABLATION_BUDGET)),
     "dpg-rec-x0": ("dpg", ("model.lambda_rec_x0=1.0",)),
+    # the best method of the earlier studies, as benchmarks/gca_study.py's stack-sig-ln
+    "gca-stack": ("gca", ("model.gca_layers=[0,1,2]", "model.gate=sigmoid", "model.gca_ln=true")),
 }
 COMMON = ("evaluate.protocols=[sampled-999,full]", "train.patience=3")  # as benchmarks/gca_study.py
 EPOCHS = 20
-BEST_SO_FAR = ("gca-stack", Path("runs/gca"), "stack-sig-ln")  # (label, study root, variant)
+BEST_SO_FAR = "gca-stack"
 METRICS = ("HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR@10")
 T_INF = (0, 1, 2, 5, 10, 20)
 ROBUST = RobustnessConfig(p=(0.1, 0.2, 0.3), inference=("substitute", "insert"), train=(), protocol="full",
@@ -65,26 +72,12 @@ def run_grid(dataset: str, seeds: list[int], out: Path, sets: list[str], variant
 
 
 def _runs(dataset: str, out: Path) -> dict[str, list[Path]]:
-    """variant -> finished run directories (the best earlier method included when present)."""
+    """variant -> its finished run directories."""
     found: dict[str, list[Path]] = {}
     for name in GRID:
         found[name] = sorted(p.parent for p in (out / dataset).glob(f"{name}-s*/metrics.json")
                              if p.parent.name.rsplit("-s", 1)[0] == name)
-    label, root, variant = BEST_SO_FAR
-    found[label] = sorted(p.parent for p in (root / dataset).glob(f"{variant}-s*/metrics.json"))
     return {k: v for k, v in found.items() if v}
-
-
-def _metrics(run: Path) -> dict:
-    """A run's metrics.json; a run scored before MRR@k existed (the GCA study's) is re-scored once
-    from its best checkpoint (same protocols) into ``metrics-rescored.json``."""
-    m = json.loads((run / "metrics.json").read_text())
-    if "MRR@10" in m["protocols"]["full"]["overall"]:
-        return m
-    cache = run / "metrics-rescored.json"
-    if not cache.exists():
-        cache.write_text(json.dumps({**m, **score_run(run)}, indent=2) + "\n")
-    return json.loads(cache.read_text())
 
 
 def _eval_cfg(run: Path) -> EvalConfig:
@@ -125,7 +118,7 @@ def sweep(dataset: str, out: Path) -> None:
 def robustness(dataset: str, out: Path) -> None:
     """Inference-time substitute / insert noise at 10-30% of the test histories, clean models."""
     data = load_split(dataset)
-    for run, ev, cache in _todo(dataset, out, lambda n: n in ("sasrec", "dpg", BEST_SO_FAR[0]), "robustness-study.json"):
+    for run, ev, cache in _todo(dataset, out, lambda n: n in ("sasrec", "dpg", BEST_SO_FAR), "robustness-study.json"):
         models = load_run_models(run, data)
         t0 = time.time()
         rows = inference_curves(lambda d: summarise(rank_run([(n, d, m) for n, _, m in models], "test", ROBUST.protocol, ev),
@@ -144,7 +137,7 @@ def report(dataset: str, out: Path) -> str:
     runs = _runs(dataset, out)
     if not runs:
         return f"no runs under {out / dataset}"
-    ms = {k: [_metrics(r) for r in v] for k, v in runs.items()}
+    ms = {k: [json.loads((r / "metrics.json").read_text()) for r in v] for k, v in runs.items()}
     domains = list(next(iter(ms.values()))[0]["protocols"]["full"]["domains"])
     short = [d.split("_")[0] for d in domains]
     lines = []
@@ -157,7 +150,7 @@ def report(dataset: str, out: Path) -> str:
             lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {rs[0].get('parameters', 0):,} | "
                          + " | ".join(cells) + f" | {_ms([r['protocols'][proto]['overall']['NDCG@10'] for r in rs])} |")
         lines.append("")
-    for base in ("sasrec", BEST_SO_FAR[0]):
+    for base in ("sasrec", BEST_SO_FAR):
         if base not in ms:
             continue
         lines += [f"Relative change of NDCG@10 vs {base} (ratio of seed means):", "",
@@ -183,6 +176,16 @@ def report(dataset: str, out: Path) -> str:
             if "rec" in rec:
                 terms.append("/".join(f"{rec[k]:.3f}" for k in ("rec", "diff", "cl") if k in rec))
         lines.append(f"| {name} | {ep} | {spe:.0f} | {'; '.join(terms) or '-'} |")
+    # matched epochs: the ablations' 10-epoch budget against the other runs' first 10 epochs
+    at = (1, 2, 4, 6, 8, 10)
+    lines += ["", "Validation NDCG@10 (`full`) after the first epochs (1-based; mean +- sd over seeds; "
+              "the ablations' budget is 10 epochs):", "",
+              "| method | seeds | " + " | ".join(f"epoch {e}" for e in at) + " | best in the first 10 |",
+              "|" + "---|" * (3 + len(at))]
+    for name, rs in ms.items():
+        curves = [[h["val_NDCG@10"] for h in r["history"]["merged"]] for r in rs]
+        cells = [_ms([c[e - 1] for c in curves]) if all(len(c) >= e for c in curves) else "-" for e in at]
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {_ms([max(c[:10]) for c in curves])} |")
     # inference-step sweep
     sweeps = {name: [json.loads((r / "sweep.json").read_text()) for r in rs if (r / "sweep.json").exists()]
               for name, rs in runs.items()}
@@ -204,7 +207,7 @@ def report(dataset: str, out: Path) -> str:
                   if (r / "robustness-study.json").exists()] for name, rs in runs.items()}
     rob = {k: v for k, v in rob.items() if v}
     if rob:
-        lines += ["", "Robustness (test, `full`, overall NDCG@10 and HR@10 with the relative drop against the clean "
+        lines += ["", "Robustness (test, `full`, overall NDCG@10 with its relative change against the clean "
                   "evaluation; p = fraction of test-history events substituted / preceded by an inserted item):", "",
                   "| method | seeds | clean NDCG@10 | " + " | ".join(f"{k} {p}" for k in ROBUST.inference for p in ROBUST.p) + " |",
                   "|" + "---|" * (3 + len(ROBUST.inference) * len(ROBUST.p))]
