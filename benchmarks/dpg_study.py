@@ -151,7 +151,7 @@ def sweep(dataset: str, out: Path) -> None:
 def robustness(dataset: str, out: Path) -> None:
     """Inference-time substitute / insert noise at 10-30% of the test histories, clean models."""
     data = load_split(dataset)
-    for run, ev, cache in _todo(dataset, out, lambda n: n in ("sasrec", "dpg", BEST_SO_FAR), "robustness-study.json"):
+    for run, ev, cache in _todo(dataset, out, lambda n: n in ("sasrec", "dpg", "dpg-e30", BEST_SO_FAR), "robustness-study.json"):
         models = load_run_models(run, data)
         t0 = time.time()
         rows = inference_curves(lambda d: summarise(rank_run([(n, d, m) for n, _, m in models], "test", ROBUST.protocol, ev),
