@@ -40,11 +40,9 @@ def train_grid(grid: dict[str, tuple[str, tuple[str, ...]]], common: tuple[str, 
             if (run_dir / "metrics.json").exists():
                 continue
             t0 = time.time()
-            overrides = [*common, *own, *sets]
-            params = apply_overrides(load_params(), model, overrides)
-            # a --set train.epochs=N budget replaces the study's own
-            budget = None if any(o.startswith("train.epochs=") for o in overrides) else epochs
-            m = train_run(dataset, model, "merged", params, run_dir, seed=seed, epochs=budget)
+            # the study's budget first, so a variant's or --set train.epochs=N applies over it
+            params = apply_overrides(load_params(), model, [f"train.epochs={epochs}", *common, *own, *sets])
+            m = train_run(dataset, model, "merged", params, run_dir, seed=seed)
             print(f"{dataset} {name}-s{seed}: {time.time() - t0:.0f} s, {protocol} NDCG@10 "
                   f"{m['protocols'][protocol]['overall']['NDCG@10']:.4f}", flush=True)
 

@@ -3,6 +3,7 @@ stress-test robustness, then report.
 
     python benchmarks/dpg_study.py --seeds 1 2 3 --variants sasrec dpg     # train (resumable)
     python benchmarks/dpg_study.py --seeds 1 --variants gca-stack
+    python benchmarks/dpg_study.py --seeds 1 2 --variants dpg-e30   # continues dpg-s1, dpg-s2
     python benchmarks/dpg_study.py --seeds 1 --variants dpg-no-cl dpg-no-guidance dpg-concat
     python benchmarks/dpg_study.py --sweep          # t_inf in {1, 2, 5, 10, 20} on every dpg run
     python benchmarks/dpg_study.py --robustness     # substitute / insert 10-30% on test histories
@@ -45,6 +46,7 @@ import torch
 
 import cdsr  # noqa: F401
 from _study import fit_rows, study_main, train_grid
+from gca_study import GRID as GCA_GRID
 from cdsr.config import from_dict
 from cdsr.data.loaders import EvalDataset
 from cdsr.evaluate.protocols import EvalConfig, summarise
@@ -63,8 +65,8 @@ GRID: dict[str, tuple[str, tuple[str, ...]]] = {
     "dpg-rec-x0": ("dpg", ("model.lambda_rec_x0=1.0",)),
     # DPG-Diff given 30 epochs: dpg-s<seed> continued from its last epoch (see CONTINUES)
     "dpg-e30": ("dpg", ("train.epochs=30",)),
-    # the best method of the earlier studies, as benchmarks/gca_study.py's stack-sig-ln
-    "gca-stack": ("gca", ("model.gca_layers=[0,1,2]", "model.gate=sigmoid", "model.gca_ln=true")),
+    # the best method of the earlier studies
+    "gca-stack": GCA_GRID["stack-sig-ln"],
 }
 COMMON = ("evaluate.protocols=[sampled-999,full]", "train.patience=3")  # as benchmarks/gca_study.py
 EPOCHS = 20
@@ -126,10 +128,10 @@ def sweep(dataset: str, out: Path) -> None:
         test = EvalDataset(view, "test", net.cfg.max_len)
         batches = [test[np.arange(s, min(s + ev.batch_size, len(test)))] for s in range(0, len(test), ev.batch_size)]
         rows = []
+        net.eval()  # rank_run restores the flag it finds
         for t in T_INF:
             net.cfg = dataclasses.replace(net.cfg, t_inf=t)
             row = {"t_inf": t}
-            net.eval()
             with torch.no_grad():  # the user representation alone: encoders + t_inf denoiser calls
                 net.represent(batches[0])  # warm-up
                 t0 = time.perf_counter()
@@ -200,15 +202,17 @@ def report(dataset: str, out: Path) -> str:
                     cells.append(f"{100 * (a / b - 1):+.1f}%")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["| method | epochs run (best) | s / epoch (wall, as run) | loss terms at the best epoch (rec / diff / cl) |",
-              "|---|---|---|---|"]
+    lines += ["| method | epochs run (best) | s / epoch (wall, as run) | loss terms at the best epoch (rec / diff / cl) "
+              "| val cos(g_t, g_o) at the best epoch |",
+              "|---|---|---|---|---|"]
     for name, rs in ms.items():
         ep, spe, best = fit_rows(rs)
         terms = []
         for rec in best:
             if "rec" in rec:
                 terms.append("/".join(f"{rec[k]:.3f}" for k in ("rec", "diff", "cl") if k in rec))
-        lines.append(f"| {name} | {ep} | {spe:.0f} | {'; '.join(terms) or '-'} |")
+        cos = "; ".join(f"{rec['val_cos_guidance']:.2f}" for rec in best if "val_cos_guidance" in rec)
+        lines.append(f"| {name} | {ep} | {spe:.0f} | {'; '.join(terms) or '-'} | {cos or '-'} |")
     # matched epochs: the ablations' 10-epoch budget against the other runs' first 10 epochs
     at = (1, 2, 4, 6, 8, 10)
     lines += ["", "Validation NDCG@10 (`full`) after the first epochs (1-based; mean +- sd over seeds; "
