@@ -21,7 +21,8 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cdsr import benchmark as bm
-from cdsr.config import from_dict, load_params
+from cdsr.config import ConfigError, declared_dataset, from_dict, load_params
+from cdsr.orchestrate import start_temporary_server
 from cdsr.track import tracking
 
 
@@ -67,11 +68,12 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // bm.workers(cfg)))
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
     tracking.setup(tcfg)
-    tracking.use_experiment(dataset, tcfg)
+    tracking.reap_dead_runs(tracking.use_experiment(dataset, tcfg))  # runs a killed benchmark left RUNNING
     with bm._MLFLOW_LOCK:
         parent = mlflow.start_run(run_name=f"benchmark/{dataset}",
                                   tags={"dataset": dataset, "cdsr.kind": "benchmark-parent",
-                                        "git_commit": tracking.git_commit(), "methods": ",".join(cfg.methods)})
+                                        "git_commit": tracking.git_commit(), "methods": ",".join(cfg.methods),
+                                        **tracking.owner_tags()})
         mlflow.end_run()
     results: dict[str, dict] = {}
     futures = {m: _branch(dataset, m, params, cfg, data_root, parent.info.run_id, command) for m in cfg.methods}
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="data")
     ap.add_argument("--method", action="append", default=None)
     a = ap.parse_args(argv)
+    try:
+        declared_dataset(load_params(a.params), a.dataset)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    start_temporary_server()  # ended by the kernel if this process is killed
     run_benchmark(a.dataset, a.params, a.root, a.method, command="python flows/benchmark.py")
 
 

@@ -18,18 +18,21 @@ from cdsr.track.registry import PromoteConfig, promote
 
 
 @task(name="promote", task_run_name="{dataset}:promote", retries=2, retry_delay_seconds=1)
-def promote_task(dataset: str, params_path: str | None, metrics_dir: str, data_root: str) -> dict:
-    params = load_params(params_path)
-    cfg = from_dict(PromoteConfig, params.get("promote"), "promote")
-    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+def promote_task(dataset: str, cfg: PromoteConfig, tcfg: tracking.TrackingConfig, metrics_dir: str,
+                 data_root: str) -> dict:
+    # retried: a busy sqlite store ("database is locked") clears up; the decision is idempotent
     return promote(dataset, cfg, Path(metrics_dir), data_root, tcfg)
 
 
 @flow(name="promote", flow_run_name="promote-{dataset}")
 def promote_flow(dataset: str, params_path: str | None = None, metrics_dir: str = "metrics", data_root: str = "data",
                  out: str | None = None) -> dict:
-    """Returns the decision; ``out`` also writes it as JSON (DVC metrics of the register stage)."""
-    decision = promote_task(dataset, params_path, metrics_dir, data_root)
+    """Returns the decision; ``out`` also writes it as JSON (DVC metrics of the register stage).
+    A bad ``promote:`` / ``mlflow:`` section fails here, before the (retried) task."""
+    params = load_params(params_path)
+    cfg = from_dict(PromoteConfig, params.get("promote"), "promote")
+    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    decision = promote_task(dataset, cfg, tcfg, metrics_dir, data_root)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(decision, indent=2) + "\n")

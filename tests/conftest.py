@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
+from helpers import TINY
 
 import cdsr  # noqa: F401  (offline settings)
 
@@ -32,16 +34,6 @@ def in_root(monkeypatch):
     return ROOT
 
 
-TINY = {
-    "generator": {"users": 200, "items_per_domain": 150, "topics": 6, "malformed_rows": 3, "duplicate_rows": 2},
-    "sources": [{"format": "ratings-csv-2014", "path": "{data_root}/t/raw/*.csv"},
-                {"format": "amazon-review-json", "path": "{data_root}/t/raw/*.json.gz"}],
-    "domains": ["Books", "Movies_and_TV", "CDs_and_Vinyl"],
-    "sequences": {"filters": [{"min_user_domains": 2}, {"min_user_events": 5}], "domains_required": "present"},
-    "split": {"negatives": {"sampled-100": 100}},
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """A small synthetic dataset named 't', built once per session: <root>/t/processed."""
@@ -52,3 +44,14 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     build(make_cfg(**TINY), root, log=lambda s: None)
     return root
+
+
+@pytest.fixture
+def tiny_params(tmp_path) -> Path:
+    """The project's params.yaml with the tiny dataset 't' declared (the CLI takes declared
+    dataset names only), written to a temporary file."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["datasets"]["t"] = TINY
+    path = tmp_path / "params-t.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

@@ -6,6 +6,16 @@ from typing import Any
 
 from cdsr.data.config import DatasetConfig, dataset_config
 
+# The tiny synthetic dataset 't' of the tests (built once per session by the tiny_root fixture)
+TINY = {
+    "generator": {"users": 200, "items_per_domain": 150, "topics": 6, "malformed_rows": 3, "duplicate_rows": 2},
+    "sources": [{"format": "ratings-csv-2014", "path": "{data_root}/t/raw/*.csv"},
+                {"format": "amazon-review-json", "path": "{data_root}/t/raw/*.json.gz"}],
+    "domains": ["Books", "Movies_and_TV", "CDs_and_Vinyl"],
+    "sequences": {"filters": [{"min_user_domains": 2}, {"min_user_events": 5}], "domains_required": "present"},
+    "split": {"negatives": {"sampled-100": 100}},
+}
+
 
 def make_cfg(**entry: Any) -> DatasetConfig:
     entry.setdefault("sources", [{"format": "interaction-csv", "path": "unused.csv"}])

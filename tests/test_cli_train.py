@@ -18,9 +18,10 @@ def test_models_lists_registered_models_name_first():
     assert {"sasrec", "bert4rec", "hstu"} <= set(names)
 
 
-def test_train_writes_metrics_in_the_contract_shape(tmp_path, tiny_root, in_root):
+def test_train_writes_metrics_in_the_contract_shape(tmp_path, tiny_root, tiny_params, in_root):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--dataset", "t", "--root", str(tiny_root), "--model", "sasrec", "--epochs", "2",
+    res = runner.invoke(app, ["train", "--dataset", "t", "--params", str(tiny_params), "--root", str(tiny_root),
+                              "--model", "sasrec", "--epochs", "2",
                               "--seed", "1", "--out", str(out), "--set", "model.d=16", "--set", "model.max_len=20",
                               "--set", "evaluate.max_len=20", "--set", "evaluate.protocols=[full, sampled-100]",
                               "--set", "train.progress=false"])
@@ -41,6 +42,9 @@ def test_train_writes_metrics_in_the_contract_shape(tmp_path, tiny_root, in_root
 
 def test_train_errors_are_readable(tmp_path, in_root):
     res = runner.invoke(app, ["train", "--dataset", "nope", "--model", "sasrec", "--out", str(tmp_path)])
-    assert res.exit_code == 1 and "cdsr data build --dataset nope" in res.output
+    assert res.exit_code == 1 and "dataset 'nope' is not declared under 'datasets:'" in res.output
+    res = runner.invoke(app, ["train", "--dataset", "kuairand-1k", "--root", str(tmp_path / "empty"),
+                              "--model", "sasrec", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "cdsr data build --dataset kuairand-1k" in res.output
     res = runner.invoke(app, ["train", "--dataset", "synthetic", "--model", "gpt", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "unknown model 'gpt'" in res.output

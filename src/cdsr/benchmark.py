@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdsr.config import ConfigError, from_dict
+from cdsr.config import ConfigError, check_dataset_name, from_dict
 from cdsr.evaluate.protocols import EvalConfig, summarise
 from cdsr.evaluate.robustness import (
     RobustnessConfig,
@@ -153,7 +153,7 @@ def robustness_config(params: dict[str, Any]) -> RobustnessConfig:
 
 
 def run_dir(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_root: str | Path) -> Path:
-    dv = tracking.data_version(dataset, data_root)
+    dv = tracking.data_version(check_dataset_name(dataset), data_root)
     return Path(cfg.runs_dir) / dataset / method / run_key(params, cfg, dataset, method, dv)
 
 
@@ -254,7 +254,7 @@ def track_step(dataset: str, method: str, run: str, robustness: list[dict] | Non
                     "protocols": ",".join(metrics["protocols"]), "val_protocol": config["train"]["val_protocol"],
                     "val_metric": config["train"]["val_metric"], "git_commit": metrics["git_commit"],
                     "data_version": metrics["data_version"].get("split.parquet", "unknown"),
-                    "run_dir": str(rd), "cdsr.kind": "benchmark"}
+                    "run_dir": str(rd), "cdsr.kind": "benchmark", **tracking.owner_tags()}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             with mlflow.start_run(run_name=f"{dataset}/{method}", tags=tags) as r:
@@ -272,9 +272,11 @@ def track_step(dataset: str, method: str, run: str, robustness: list[dict] | Non
                     tracking.log_artifacts([steps], "steps" if steps.parent == rd else f"steps/{steps.parent.name}")
                 if tcfg.log_models:
                     from cdsr.track.pyfunc import log_pyfunc
+                    from cdsr.track.serve import serve_config
 
                     items = Path(config["data_root"]) / dataset / "processed" / "items.parquet"
-                    log_pyfunc(rd, items, name="model")
+                    # the request limits of params `serve:` travel with the model (env: not at log time)
+                    log_pyfunc(rd, items, name="model", serve=serve_config(params, env={}))
             record.write_text(json.dumps({"run_id": metrics["mlflow_run_id"],
                                           "tracking_uri": tracking.tracking_uri(tcfg)}) + "\n")
     dest = Path(cfg.metrics_dir) / dataset / f"{method}.json"

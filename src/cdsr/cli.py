@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 import cdsr  # noqa: F401  (offline settings first)
-from cdsr.config import ConfigError, load_params
+from cdsr.config import ConfigError, check_dataset_name, declared_dataset, load_params
 
 app = typer.Typer(
     help="cdsr: cross-domain sequential recommendation, from raw Amazon-style files to served models.\n\n"
@@ -40,6 +40,30 @@ def _dataset(name: str, params: Optional[Path]):
         return dataset_config(load_params(params), name)
     except ConfigError as exc:
         _fail(str(exc))
+
+
+def _declared(name: str, params: Optional[Path]) -> dict:
+    """The params, once ``name`` is a dataset they declare (no other name reaches a path)."""
+    try:
+        p = load_params(params)
+        declared_dataset(p, name)
+    except ConfigError as exc:
+        _fail(str(exc))
+    return p
+
+
+def _safe_name(name: str) -> str:
+    try:
+        return check_dataset_name(name)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _output_file(path: Optional[Path], option: str = "--out") -> Optional[Path]:
+    """An output file path that can be written (a directory there is an error naming it)."""
+    if path is not None and path.is_dir():
+        _fail(f"{option} {path}: is a directory; give a file path")
+    return path
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -135,9 +159,10 @@ def train(
     """Train a model with early stopping, evaluate its best checkpoint on test, write metrics.json."""
     from cdsr.train.run import apply_overrides, train_run
 
+    p = _declared(dataset, params)
     out = out or Path("runs") / dataset / f"{model}-{variant}-s{seed}"
     try:
-        p = apply_overrides(load_params(params), model, sets)
+        p = apply_overrides(p, model, sets)
         m = train_run(dataset, model, variant, p, out, seed=seed, epochs=epochs, data_root=root)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         _fail(str(exc))
@@ -161,6 +186,7 @@ def evaluate(
 
     if not (run / "config.json").exists():
         _fail(f"{run}: not a run directory (no config.json)")
+    _output_file(out)
     try:
         m = evaluate_run(run, protocol, split, exclude_history, set_)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
@@ -179,6 +205,9 @@ def _flows():
         _fail(f"{root} has no flows/ directory: run cdsr from the project root")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    from cdsr.orchestrate import start_temporary_server
+
+    start_temporary_server()  # Prefect's temporary server, ended by the kernel if this process is killed
 
 
 @app.command("benchmark")
@@ -189,6 +218,7 @@ def benchmark(
     root: Path = ROOT,
 ) -> None:
     """Prefect benchmark flow: per method train -> evaluate -> robustness -> MLflow; writes metrics/<dataset>/."""
+    _declared(dataset, params)
     _flows()
     from flows.benchmark import run_benchmark
 
@@ -209,6 +239,7 @@ def tune(
     root: Path = ROOT,
 ) -> None:
     """Prefect tune flow: an Optuna study per model (TPE, median pruning, persistent, resumable)."""
+    _declared(dataset, params)
     _flows()
     from flows.tune import tune_flow
 
@@ -228,15 +259,24 @@ def promote(
     metrics_dir: Path = typer.Option(Path("metrics"), "--metrics-dir"),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the decision as JSON here."),
 ) -> None:
-    """Prefect promote flow: the best benchmark model becomes cdsr-<dataset>@champion if it beats the champion."""
+    """Prefect promote flow: the best benchmark model becomes cdsr-<dataset>@champion if it beats the
+    champion on the champion's own metric, protocol and data version (values from the tracking store)."""
+    _declared(dataset, params)
+    _output_file(out)
     _flows()
     from flows.promote import promote_flow
 
     try:
         d = promote_flow(dataset, str(params) if params else None, str(metrics_dir), str(root), str(out) if out else None)
-    except FileNotFoundError as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         _fail(str(exc))
-    typer.echo(f"{d['registered_model']}: {d['decision']} version {d['candidate_version']} ({d['candidate_method']}): {d['reason']}")
+    for w in d.get("warnings", []):
+        typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+    if d["decision"] == "refused":
+        typer.echo(f"{d['registered_model']}: refused: {d['reason']}")
+    else:
+        typer.echo(f"{d['registered_model']}: {d['decision']} version {d['candidate_version']} "
+                   f"({d['candidate_method']}): {d['reason']}")
 
 
 @app.command("report")
@@ -250,6 +290,7 @@ def report(
     """One HTML page (+ PNG plots) comparing the benchmarked methods of a dataset."""
     import datetime
 
+    _safe_name(dataset)
     from cdsr.report import report_files, write_report
 
     out = out or Path("reports") / dataset
@@ -289,6 +330,7 @@ def analyze_orthogonality(
     params: Optional[Path] = PARAMS,
 ) -> None:
     """Validation performance against GCA's |cos(X, X')| over a set of runs (seeds 002/003's main figure)."""
+    _safe_name(dataset)
     from cdsr.analysis import curves_from_dirs, curves_from_mlflow, write_analysis
 
     if runs:
@@ -316,8 +358,36 @@ def analyze_orthogonality(
     typer.echo(f"written: {out}/orthogonality.png, points.csv, summary.json")
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+@app.command("serve")
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="Model URI: models:/cdsr-<dataset>@champion, runs:/<run id>/model or a path."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default serve.host: 127.0.0.1, this machine only)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default serve.port: 5001)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="uvicorn worker processes (default serve.workers: 1)."),
+    params: Optional[Path] = PARAMS,
+) -> None:
+    """Serve a logged model over HTTP: MLflow's scoring app (/invocations, /ping) with request limits (params `serve:`)."""
+    from mlflow.exceptions import MlflowException
+
+    from cdsr.track.serve import load_serve_params, run, serve_config
+
+    try:
+        p = load_serve_params(params)
+        cfg = serve_config(p, host=host, port=port, workers=workers)
+        run(model, cfg, p, log=typer.echo)
+    except (ConfigError, MlflowException) as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    """The ``cdsr`` console script: the app, with a file-system error (a path that cannot be read
+    or written) reported as one clear line instead of a traceback."""
+    try:
+        app()
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        typer.secho(f"error: {where}{exc.strerror or exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ failing with the section path and the offending key when the file is wrong.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,28 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 class ConfigError(ValueError):
     """A params file that cannot be turned into a valid configuration."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_dataset_name(name: str) -> str:
+    """A dataset name is one plain path component (it names ``<root>/<name>/``, ``runs/.../<name>``,
+    ``metrics/<name>`` and the registered model): letters, digits, ``.``, ``_``, ``-``, not
+    starting with a dot, so no name reaches outside those folders."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > 200:
+        raise ConfigError(f"dataset name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+                          "(starting with a letter or digit)")
+    return name
+
+
+def declared_dataset(params: dict[str, Any], name: str) -> str:
+    """``name`` if params.yaml declares it under ``datasets:`` (the only names the commands take)."""
+    declared = params.get("datasets") or {}
+    if not isinstance(declared, dict) or name not in declared:
+        raise ConfigError(f"dataset {name!r} is not declared under 'datasets:' in the params file "
+                          f"(declared: {sorted(declared) if isinstance(declared, dict) else []})")
+    return check_dataset_name(name)
 
 
 def load_params(path: str | Path | None = None) -> dict[str, Any]:

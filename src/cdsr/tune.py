@@ -14,7 +14,10 @@
   the database, each worker seeds its sampler differently (``--worker``), and a trial whose
   parameters equal an already finished trial's is not trained again (it reuses that value and
   records ``duplicate_of``).
-- Each trial is a nested MLflow run under the worker's ``tune/<dataset>/<model>`` run.
+- Each trial is a nested MLflow run under the worker's ``tune/<dataset>/<model>`` run. Runs
+  carry their owner process; a worker starting on the study first ends (KILLED, tag
+  ``cdsr.reaped``) the runs that dead workers left RUNNING: those whose owner process on this
+  host is gone, and trial runs of other hosts whose Optuna trial failed its heartbeat.
 - The best parameters go to ``tuned/<dataset>/<model>.json``; the benchmark applies them.
 """
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdsr.config import ConfigError, from_dict
+from cdsr.config import ConfigError, check_dataset_name, from_dict
 from cdsr.track import tracking
 from cdsr.train.run import apply_overrides, as_overrides, train_run
 
@@ -223,6 +226,7 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    check_dataset_name(dataset)
     space = cfg.search_space.get(model)
     if not space:
         raise ConfigError(f"tune.search_space has no entry for model '{model}'")
@@ -230,7 +234,8 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
     total = trials if trials is not None else cfg.trials
     study = _first_use(lambda: open_study(dataset, model, cfg, worker, storage), storage_url(storage or cfg.storage))
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
-    _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
+    experiment = _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
+    reap(study, experiment)
     val_metric = (params.get("train") or {}).get("val_metric", "NDCG@10")
     runs = Path(cfg.runs_dir) / dataset / model
 
@@ -245,12 +250,17 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
             return float(dup.value)
         retried = retried_trial_number(study, trial)
         out = runs / f"trial-{retried if retried is not None else trial.number}"  # a retry resumes
+        if retried is None and out.exists():
+            # a fresh trial number never had a directory in this study: it is left from a deleted
+            # study of the same name, and holds another trial's run
+            shutil.rmtree(out)
         trial.set_user_attr("run_dir", str(out))  # now: the clean-up must find pruned / running trials' dirs
         p = apply_overrides(params, model, as_overrides(chosen))
         # not `with start_run()`: it ends a run left by an exception as FAILED, and a pruned trial did not fail
         mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                          tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
-                               "optuna.study": study.study_name, "optuna.trial": str(trial.number)})
+                               "optuna.study": study.study_name, "optuna.trial": str(trial.number),
+                               **tracking.owner_tags()})
         status = "FAILED"
         try:
             mlflow.log_params(chosen)
@@ -284,7 +294,8 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
     done = len(study.get_trials(deepcopy=False, states=finished))
     with mlflow.start_run(run_name=f"tune/{dataset}/{model}",
                           tags={"dataset": dataset, "model": model, "cdsr.kind": "tune",
-                                "optuna.study": study.study_name, "optuna.worker": str(worker)}):
+                                "optuna.study": study.study_name, "optuna.worker": str(worker),
+                                **tracking.owner_tags()}):
         if done < total:
             study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=finished)],
                            timeout=cfg.timeout, catch=(), gc_after_trial=True)
@@ -299,6 +310,19 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
             if d not in keep and Path(d).exists():
                 shutil.rmtree(d, ignore_errors=True)
     return best
+
+
+def reap(study, experiment_id: str) -> list[str]:
+    """Before new trials: fail the study's stale trials (a dead worker's, by their missing
+    heartbeat; Optuna queues their retry) and end the MLflow runs that dead workers left RUNNING
+    (see :func:`cdsr.track.tracking.reap_dead_runs`)."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    with _quiet():
+        fail_stale_trials(study)
+    dead = {(study.study_name, t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return tracking.reap_dead_runs(experiment_id, dead)
 
 
 def write_best(study, dataset: str, model: str, cfg: TuneConfig) -> dict[str, Any]:

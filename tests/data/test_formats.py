@@ -123,10 +123,9 @@ def test_chunk_size_does_not_change_the_result(tmp_path):
 def test_line_chunks_are_exact(tmp_path):
     p = tmp_path / "x.txt"
     p.write_bytes(b"a\nbb\n\nccc\nd")
-    got = [(first, arr.to_pylist()) for first, arr in iter_line_chunks(p, 3)]
-    lines = [s.rstrip("\n") for _, arr in got for s in arr]
-    assert lines == ["a", "bb", "", "ccc", "d"]
-    assert [f for f, _ in got] == sorted(f for f, _ in got)
+    got = list(iter_line_chunks(p, 3))
+    assert [s for c in got for s in c.lines.to_pylist()] == ["a", "bb", "", "ccc", "d"]
+    assert [n for c in got for n in c.line_no.tolist()] == [1, 2, 3, 4, 5]
 
 
 def test_invalid_utf8_line_is_quarantined(tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cdsr  # noqa: F401  (offline env vars before great_expectations is imported)
 import numpy as np
 import pandas as pd
 import pytest
 
+import cdsr  # noqa: F401  (offline env vars before great_expectations is imported)
 from cdsr.data.config import DatasetConfig, dataset_config
 from cdsr.data.schemas import user_constraints
 from cdsr.data.validate import ValidationFailed, validate_interactions, validate_sequences
@@ -98,6 +98,17 @@ def test_empty_item_fails(tmp_path: Path) -> None:
     df = interactions()
     df.loc[2, "item_id"] = "  "
     fails(validate_interactions, df, make_cfg(), tmp_path, check="item_id:non_empty")
+
+
+@pytest.mark.parametrize("col,value", [("user_id", "u\x00 1"), ("item_id", "b\t1"), ("item_id", "a2\x7f")])
+def test_control_character_in_id_fails_both_layers(tmp_path: Path, col: str, value: str) -> None:
+    """Ingest quarantines such ids; validation catches them too (defence in depth)."""
+    df = interactions()
+    df.loc[5, col] = value
+    exc = fails(validate_interactions, df, make_cfg(), tmp_path, check=f"{col}:no_control_chars")
+    assert exc.report["pandera"][f"interactions.{col}:no_control_chars"] == 1
+    assert exc.report["great_expectations"][f"interactions.{col}:no_control_chars"]["unexpected_count"] == 1
+    assert "raw/x.csv:7" in str(exc) and repr(value) in str(exc)
 
 
 def test_undeclared_domain_fails(tmp_path: Path) -> None:

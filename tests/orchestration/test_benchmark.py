@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -125,71 +126,192 @@ def test_benchmark_rerun_reuses_finished_runs(bench, tiny_root):
     assert (run_dir / "last.pt").stat().st_mtime_ns == stamp
 
 
-def _candidates(tmp):
-    from cdsr.track.registry import candidates
+def _store_value(params: dict, run_id: str, metric: str = "NDCG_10", protocol: str = "full") -> float:
+    from mlflow import MlflowClient
 
-    return candidates(tmp / "metrics", "t")
+    return MlflowClient(params["mlflow"]["tracking_uri"]).get_run(run_id).data.metrics[
+        f"valid/{protocol}/overall/{metric}"]
+
+
+def _ranked(tmp: Path, params: dict) -> list[tuple[str, str, float]]:
+    """(method, run id, validation NDCG@10 in the tracking store), best first."""
+    out = []
+    for f in sorted((tmp / "metrics" / "t").glob("*.json")):
+        run_id = json.loads(f.read_text())["mlflow_run_id"]
+        out.append((f.stem, run_id, _store_value(params, run_id)))
+    out.sort(key=lambda r: -r[2])
+    assert out[0][2] > out[1][2], out  # the tests below need a strictly better and a worse model
+    return out
+
+
+def _promote(tmp: Path, params: dict, registry: str, metrics_dir: Path | None = None, data_root=None, **cfg):
+    """Promotion into the registered model ``<registry>-t`` (one per test: the store is shared)."""
+    from cdsr.track.registry import PromoteConfig, promote
+    from cdsr.track.tracking import TrackingConfig
+
+    tcfg = TrackingConfig(tracking_uri=params["mlflow"]["tracking_uri"], model_prefix=registry)
+    return promote("t", PromoteConfig(**cfg), metrics_dir or tmp / "metrics", data_root, tcfg)
 
 
 def test_promotion_is_gated_recorded_and_idempotent(bench, tiny_root):
-    import mlflow
     from mlflow import MlflowClient
 
-    from cdsr.track.registry import Candidate, PromoteConfig, promote
-    from cdsr.track.tracking import TrackingConfig
-
     tmp, _, params = bench
-    tcfg = TrackingConfig(tracking_uri=params["mlflow"]["tracking_uri"])
-    cands = _candidates(tmp)
-    assert [c.value for c in cands] == sorted((c.value for c in cands), reverse=True)
-    best, other = cands[0], cands[1]
-
-    d = promote("t", PromoteConfig(), tmp / "metrics", tiny_root, tcfg)
-    assert d["promoted"] and d["decision"] == "promoted" and d["candidate_method"] == best.method
+    (best, best_run, best_v), (other, _, other_v) = _ranked(tmp, params)[:2]
     client = MlflowClient(params["mlflow"]["tracking_uri"])
-    champ = client.get_model_version_by_alias("cdsr-t", "champion")
-    assert champ.run_id == best.run_id and champ.tags["promotion.decision"] == "promoted"
 
-    # again: same version, nothing moves, no new version
-    again = promote("t", PromoteConfig(), tmp / "metrics", tiny_root, tcfg)
+    d = _promote(tmp, params, "gate", data_root=tiny_root)  # every candidate: the best one wins
+    assert d["promoted"] and d["decision"] == "promoted" and d["candidate_method"] == best
+    assert d["candidate_value"] == pytest.approx(best_v)
+    assert d["basis"] == {"metric": "NDCG@10", "protocol": "full", "data_version": d["data_version"], "split": "valid"}
+    champ = client.get_model_version_by_alias("gate-t", "champion")
+    assert champ.run_id == best_run and champ.tags["promotion.decision"] == "promoted"
+
+    again = _promote(tmp, params, "gate", data_root=tiny_root)  # same inputs: nothing moves, no new version
     assert again["decision"] == "already-champion" and not again["promoted"]
-    assert len(client.search_model_versions("name='cdsr-t'")) == 1
+    assert len(client.search_model_versions("name='gate-t'")) == 1
 
     # a worse candidate is never promoted, and the decision is recorded on its version
-    worse = Candidate(other.method, other.run_id, best.value - 0.01, other.metric, other.data_version)
-    d = promote("t", PromoteConfig(), tmp / "metrics", tiny_root, tcfg, candidate=worse)
+    d = _promote(tmp, params, "gate", data_root=tiny_root, methods=[other])
     assert not d["promoted"] and d["decision"] == "rejected"
-    assert client.get_model_version_by_alias("cdsr-t", "champion").version == champ.version
-    v = client.get_model_version("cdsr-t", d["candidate_version"])
+    assert client.get_model_version_by_alias("gate-t", "champion").version == champ.version
+    v = client.get_model_version("gate-t", d["candidate_version"])
     assert v.tags["promotion.decision"] == "rejected"
-    assert float(v.tags["promotion.champion_value"]) == pytest.approx(best.value)
+    assert float(v.tags["promotion.champion_value"]) == pytest.approx(best_v)
+    assert float(v.tags["promotion.candidate_value"]) == pytest.approx(other_v)
 
-    # better, but not by the margin: rejected; by more than the margin: promoted
-    slightly = Candidate(other.method, other.run_id, best.value + 0.001, other.metric, other.data_version)
-    d = promote("t", PromoteConfig(margin=0.01), tmp / "metrics", tiny_root, tcfg, candidate=slightly)
-    assert not d["promoted"] and d["threshold"] == pytest.approx(best.value + 0.01)
-    clearly = Candidate(other.method, other.run_id, best.value + 0.02, other.metric, other.data_version)
-    d = promote("t", PromoteConfig(margin=0.01), tmp / "metrics", tiny_root, tcfg, candidate=clearly)
+
+def test_promotion_needs_the_margin(bench, tiny_root):
+    from mlflow import MlflowClient
+
+    tmp, _, params = bench
+    (best, best_run, best_v), (other, other_run, other_v) = _ranked(tmp, params)[:2]
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    assert _promote(tmp, params, "margin", data_root=tiny_root, methods=[other])["promoted"]  # the weaker first
+    gap = best_v - other_v
+    d = _promote(tmp, params, "margin", data_root=tiny_root, methods=[best], margin=2 * gap)
+    assert not d["promoted"] and d["threshold"] == pytest.approx(other_v + 2 * gap)
+    d = _promote(tmp, params, "margin", data_root=tiny_root, methods=[best], margin=gap / 2)
     assert d["promoted"]
-    new = client.get_model_version_by_alias("cdsr-t", "champion")
-    assert new.run_id == other.run_id
-    assert client.get_model_version("cdsr-t", champ.version).tags["promotion.replaced_by"] == str(new.version)
-    mlflow.set_tracking_uri(params["mlflow"]["tracking_uri"])
+    new = client.get_model_version_by_alias("margin-t", "champion")
+    assert new.run_id == best_run
+    first = next(v for v in client.search_model_versions("name='margin-t'") if v.run_id == other_run)
+    assert first.tags["promotion.replaced_by"] == str(new.version)
+    rel = _promote(tmp, params, "margin", data_root=tiny_root, methods=[other], margin=0.0, relative=True)
+    assert rel["decision"] == "rejected"
+
+
+@pytest.mark.parametrize("margin", [-0.01, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_margin_is_refused_in_config(bench, tiny_root, margin, in_root):
+    from typer.testing import CliRunner
+
+    from cdsr.cli import app
+    from cdsr.config import ConfigError, from_dict
+    from cdsr.track.registry import PromoteConfig
+
+    tmp, _, params = bench
+    with pytest.raises(ConfigError, match="promote.margin must be a finite number >= 0"):
+        from_dict(PromoteConfig, {"margin": margin}, "promote")
+    bad = {**params, "promote": {"margin": margin}, "datasets": {"t": TINY}}
+    path = tmp / f"params-margin-{margin}.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    res = CliRunner().invoke(app, ["promote", "--dataset", "t", "--params", str(path), "--root", str(tiny_root),
+                                   "--metrics-dir", str(tmp / "metrics")])
+    assert res.exit_code == 1 and "promote.margin must be a finite number >= 0" in res.output
+
+
+def test_promotion_compares_on_the_champions_own_metric(bench, tiny_root):
+    """A benchmark selected on HR@10 is compared with a champion promoted on NDCG@10 on NDCG@10
+    (the candidate's HR@10 would beat the champion's NDCG@10 and promote a worse model)."""
+    from mlflow import MlflowClient
+
+    tmp, _, params = bench
+    (best, _, best_v), (other, other_run, other_v) = _ranked(tmp, params)[:2]
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    assert _promote(tmp, params, "metric", data_root=tiny_root, methods=[best])["promoted"]
+    hr = _store_value(params, other_run, "HR_10")
+    assert hr > best_v  # what the old gate compared
+    metrics = tmp / "metrics-hr"
+    (metrics / "t").mkdir(parents=True)
+    m = json.loads((tmp / "metrics" / "t" / f"{other}.json").read_text())
+    (metrics / "t" / f"{other}.json").write_text(json.dumps({**m, "val_metric": "HR@10"}))
+    client.set_tag(other_run, "val_metric", "HR@10")  # as if that benchmark had selected on HR@10
+    try:
+        d = _promote(tmp, params, "metric", metrics_dir=metrics, data_root=tiny_root)
+    finally:
+        client.set_tag(other_run, "val_metric", "NDCG@10")
+    assert d["decision"] == "rejected" and not d["promoted"]
+    assert d["metric"] == "NDCG@10" and d["candidate_value"] == pytest.approx(other_v)
+    assert d["reason"].startswith("NDCG@10 (full)")
+
+
+def test_the_gate_reads_the_tracking_store_not_the_metrics_files(bench, tiny_root):
+    tmp, _, params = bench
+    (best, _, _), (other, other_run, other_v) = _ranked(tmp, params)[:2]
+    assert _promote(tmp, params, "tamper", data_root=tiny_root, methods=[best])["promoted"]
+    metrics = tmp / "metrics-tampered"
+    (metrics / "t").mkdir(parents=True)
+    m = json.loads((tmp / "metrics" / "t" / f"{other}.json").read_text())
+    m["validation"]["overall"]["NDCG@10"] = 0.99
+    (metrics / "t" / f"{other}.json").write_text(json.dumps(m))
+    d = _promote(tmp, params, "tamper", metrics_dir=metrics, data_root=tiny_root)
+    assert d["decision"] == "rejected" and d["candidate_value"] == pytest.approx(other_v)
+    assert any("claims NDCG@10 0.99" in w and other_run in w for w in d["warnings"])
+
+
+def _fake_run(params: dict, **tags_and_metrics) -> str:
+    """A benchmark-looking MLflow run with chosen tags and validation metrics (and no model)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    exp = client.get_experiment_by_name("cdsr-t")
+    metrics = tags_and_metrics.pop("metrics")
+    run = client.create_run(exp.experiment_id, tags={"dataset": "t", "cdsr.kind": "benchmark", **tags_and_metrics})
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_candidates_that_cannot_be_compared_like_for_like_are_refused(bench, tiny_root, tmp_path):
+    import shutil
+
+    from cdsr.track.tracking import data_version
+
+    tmp, _, params = bench
+    (best, _, _), _ = _ranked(tmp, params)[:2]
+    assert _promote(tmp, params, "like", data_root=tiny_root, methods=[best])["promoted"]
+    current = data_version("t", tiny_root)["split.parquet"]
+    other_protocol = _fake_run(params, val_metric="NDCG@10", val_protocol="sampled-100", data_version=current,
+                               metrics={"valid/sampled-100/overall/NDCG_10": 0.99})
+    other_data = _fake_run(params, val_metric="NDCG@10", val_protocol="full", data_version="0" * 32,
+                           metrics={"valid/full/overall/NDCG_10": 0.99})
+    metrics = tmp_path / "metrics"
+    (metrics / "t").mkdir(parents=True)
+    for name, run_id in (("proto", other_protocol), ("data", other_data)):
+        (metrics / "t" / f"{name}.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    d = _promote(tmp, params, "like", metrics_dir=metrics, data_root=tiny_root)
+    assert d["decision"] == "refused" and not d["promoted"] and d["candidate_version"] is None
+    assert "validated under 'sampled-100'" in d["reason"] and "trained on data version 00000000" in d["reason"]
+
+    # a champion validated on another build of the data cannot be compared with anything
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "t", root / "t")
+    with open(root / "t" / "processed" / "split.parquet", "ab") as f:
+        f.write(b"\0")
+    d = _promote(tmp, params, "like", data_root=root, methods=[best])
+    assert d["decision"] == "refused" and "validated on data version" in d["reason"]
 
 
 def test_promotion_refuses_data_that_failed_validation(bench, tiny_root, tmp_path):
     import shutil
 
-    from cdsr.track.registry import PromoteConfig, promote
-    from cdsr.track.tracking import TrackingConfig
-
-    tmp, _, _ = bench
+    tmp, _, params = bench
     root = tmp_path / "data"
     shutil.copytree(tiny_root / "t", root / "t")
     report = root / "t" / "processed" / "validation" / "validation.json"
     report.write_text(json.dumps({**json.loads(report.read_text()), "success": False}))
-    tcfg = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")  # no champion yet
-    d = promote("t", PromoteConfig(), tmp / "metrics", root, tcfg)
+    d = _promote(tmp, params, "invalid", data_root=root)  # no champion yet
     assert not d["promoted"] and "data validation failed" in d["reason"]
 
 
@@ -200,6 +322,7 @@ def test_killed_benchmark_resumes_from_checkpoint_and_keeps_finished_work(tmp_pa
     params = _params(tmp_path, methods=["sasrec", "bert4rec"], epochs=6, max_workers=1, robustness=False)
     params["models"]["bert4rec"].update(d=64, layers=2)  # slower, so the kill lands mid-training
     params["train"]["checkpoint_every_steps"] = 1
+    params["datasets"] = {"t": TINY}  # `flows/benchmark.py` takes declared dataset names only
     path = _write(tmp_path, params)
     cmd = [str(BIN / "python"), "flows/benchmark.py", "--dataset", "t", "--params", str(path), "--root", str(tiny_root)]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TINY
 from servers import free_port, start, stop, wait_http
 
 from cdsr.config import ConfigError, from_dict
@@ -38,6 +39,7 @@ def make_params(tmp: Path, prefix: str, epochs: int = EPOCHS, space: dict | None
                  "search_space": {"sasrec": copy.deepcopy(space or SPACE)}, **tune_extra},
         # an experiment per test: the MLflow store is shared by the module (its creation costs seconds)
         "mlflow": {"experiment_prefix": prefix},
+        "datasets": {"t": TINY},  # the CLI takes declared dataset names only
     }
 
 
@@ -357,6 +359,65 @@ def test_killed_tune_resumes_and_retries_the_stale_trial_from_its_checkpoint(tmp
     history = json.loads((runs / "trial-0" / "history.json").read_text())
     assert [r["epoch"] for r in history] == list(range(done + 2))
     assert not (runs / f"trial-{retry.number}").exists()
+
+    # the MLflow runs the killed worker left RUNNING (its study run and trial 0's) were ended by the rerun
+    _, parents, children = mlflow_runs("tune5")
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
+    dead = [r for r in parents + children if "cdsr.reaped" in r.data.tags]
+    assert sorted((r.data.tags["cdsr.kind"], r.info.status) for r in dead) == [("tune", "KILLED"), ("tune-trial", "KILLED")]
+    assert {r.data.tags["cdsr.pid"] for r in dead} == {str(proc.pid)}
+    assert f"owner process {proc.pid}" in dead[0].data.tags["cdsr.reaped"]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live child processes of ``pid``: {pid: command line}."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out[int(stat.parent.name)] = cmd
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_tune_takes_its_temporary_prefect_server_with_it(tmp_path, tiny_root, mlflow_store):
+    """Without PREFECT_API_URL, `cdsr tune` runs Prefect's temporary API server as a child; a
+    kill -9 of `cdsr tune` alone (not its process group) must not leave that server behind."""
+    params = make_params(tmp_path, "tune7")
+    p = write_params(tmp_path, params)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "tune.log"
+    proc = start_cli(["--trials", "1", "--params", str(p), "--root", str(tiny_root)], log, env)
+    try:
+        deadline = time.time() + 120
+        server = None
+        while server is None:
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "no temporary Prefect server after 120 s\n" + log.read_text()
+            server = next((c for c, cmd in _children(proc.pid).items() if "prefect.server.api.server:create_app" in cmd),
+                          None)
+            time.sleep(0.2)
+        os.kill(proc.pid, 9)  # the parent only: no exit handler of its runs
+        proc.wait(30)
+        deadline = time.time() + 30
+        while _alive(server) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), f"the temporary Prefect server {server} outlived its killed parent"
+    finally:
+        kill(proc)
 
 
 def test_every_registered_model_has_a_search_space_of_real_fields():

@@ -1,10 +1,12 @@
 """The pyfunc recommender: logged from a tiny training run, registered, loaded in-process and
-served by `mlflow models serve` over real HTTP."""
+served over real HTTP by `mlflow models serve` and by `cdsr serve` (with request limits)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -42,7 +44,7 @@ def store(tmp_path_factory):
         mlflow.set_registry_uri(before_registry)
 
 
-def _train_and_log(tiny_root: Path, out: Path, variant: str, exp: str, params=PARAMS):
+def _train_and_log(tiny_root: Path, out: Path, variant: str, exp: str, params=PARAMS, serve=None):
     import mlflow
 
     from cdsr.track.pyfunc import log_pyfunc
@@ -50,7 +52,7 @@ def _train_and_log(tiny_root: Path, out: Path, variant: str, exp: str, params=PA
 
     train_run("t", "sasrec", variant, params, out, seed=0, data_root=tiny_root)
     with mlflow.start_run(experiment_id=exp):
-        return log_pyfunc(out, tiny_root / "t" / "processed" / "items.parquet")
+        return log_pyfunc(out, tiny_root / "t" / "processed" / "items.parquet", serve=serve)
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +128,10 @@ def champion_model(champion):
     return mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
 
 
-def test_registered_champion_predicts_like_the_network(champion, champion_model, server, catalogue, tiny_root,
-                                                       monkeypatch):
-    """models:/cdsr-t@champion in-process gives the network's own top-k (``server`` is asked for
-    only so that it boots meanwhile)."""
+def test_registered_champion_predicts_like_the_network(champion, champion_model, server, cdsr_server, catalogue,
+                                                       tiny_root, monkeypatch):
+    """models:/cdsr-t@champion in-process gives the network's own top-k (``server`` and
+    ``cdsr_server`` are asked for only so that they boot meanwhile)."""
     model = champion_model
     items = catalogue[0]
     idx, dom, ids, doms, ts = _history(catalogue, user=3, n=25)  # longer than max_len: keeps the last 20
@@ -187,9 +189,13 @@ def test_bad_input_raises_invalid_parameter_value(champion_model, catalogue, cha
 def test_single_variant_uses_the_target_domains_model(tmp_path, tiny_root, store, catalogue):
     import mlflow
 
+    from cdsr.track.serve import ServeConfig
+
     params = {**PARAMS, "train": {**PARAMS["train"], "epochs": 1}}
-    info = _train_and_log(tiny_root, tmp_path / "run", "single", store[1], params)
+    info = _train_and_log(tiny_root, tmp_path / "run", "single", store[1], params,
+                          serve=ServeConfig(max_records=3, max_history=40))
     model = mlflow.pyfunc.load_model(info.model_uri)
+    assert model.metadata.flavors["python_function"]["config"] == {"max_records": 3, "max_history": 40}
     idx, dom, ids, doms, ts = _history(catalogue, user=5, n=30)
     out = model.predict(pd.DataFrame([
         {"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": t, "k": 5}
@@ -200,6 +206,89 @@ def test_single_variant_uses_the_target_domains_model(tmp_path, tiny_root, store
         top, scores = _direct_topk(net, data, idx[dom == d], dom[dom == d], target, 5)  # that domain's events only
         assert row.item_ids == _raw(catalogue, top)
         np.testing.assert_allclose(row.scores, scores, rtol=1e-4, atol=1e-5)
+
+
+BAD_ELEMENTS = [  # (column, value, position, what the message says it got)
+    ("item_ids", [None, "B"], 0, "null"),
+    ("item_ids", ["A", 7], 1, "integer 7"),
+    ("item_ids", [True, "B"], 0, "boolean true"),
+    ("item_ids", [{"a": 1}, "B"], 0, 'object {"a": 1}'),
+    ("item_ids", [["A"], "B"], 0, 'array ["A"]'),
+    ("domains", ["Books", None], 1, "null"),
+    ("domains", [3, "Books"], 0, "integer 3"),
+    ("timestamps", [None, 2], 0, "null"),
+    ("timestamps", [1, 2.5], 1, "number 2.5"),
+    ("timestamps", [True, 2], 0, "boolean true"),
+    ("timestamps", ["1", 2], 0, 'string "1"'),
+    ("timestamps", [1, float("inf")], 1, "number Infinity"),
+]
+
+
+@pytest.mark.parametrize("column, value, pos, got", BAD_ELEMENTS, ids=lambda v: repr(v)[:20])
+def test_bad_elements_are_rejected_not_coerced(champion_model, catalogue, column, value, pos, got):
+    """A malformed element of a history list is an error naming row, column and position (MLflow's
+    Array(string) enforcement used to turn [null, "B"] into ["n", "B"] and answer 200)."""
+    from mlflow.exceptions import MlflowException
+
+    _, _, ids, doms, ts = _history(catalogue, user=0, n=2)
+    good = {"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": "Books", "k": 3}
+    with pytest.raises(MlflowException) as err:
+        champion_model.predict(pd.DataFrame([good, {**good, column: value}]))
+    message = f"row 1: '{column}'[{pos}] must be " + ("an integer (unix seconds)" if column == "timestamps" else "a string")
+    assert f"{message}, got {got}" in err.value.message and err.value.get_http_status_code() == 400
+
+
+def test_list_columns_must_be_lists_and_integral_timestamps_are_taken(champion_model, catalogue):
+    from mlflow.exceptions import MlflowException
+
+    _, _, ids, doms, ts = _history(catalogue, user=0, n=2)
+    good = {"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": "Books", "k": 3}
+    with pytest.raises(MlflowException) as err:  # Array(Any) lets a null list through to predict
+        champion_model.predict(pd.DataFrame([good, {**good, "item_ids": None}]))
+    assert "row 1: 'item_ids' must be a list, got null" in err.value.message
+    for column, value in [("domains", "Books"), ("timestamps", {"a": 1})]:  # MLflow's own check, 400 too
+        with pytest.raises(MlflowException) as err:
+            champion_model.predict(pd.DataFrame([{**good, column: value}]))
+        assert "Expected data to be list or numpy array" in err.value.message
+        assert err.value.get_http_status_code() == 400
+    as_float = champion_model.predict(pd.DataFrame([{**good, "timestamps": [float(t) for t in ts]}]))
+    as_array = champion_model.predict(pd.DataFrame([{**good, "item_ids": np.array(ids), "timestamps": np.array(ts)}]))
+    plain = champion_model.predict(pd.DataFrame([good]))
+    assert as_float["item_ids"].tolist() == as_array["item_ids"].tolist() == plain["item_ids"].tolist()
+
+
+def test_record_and_history_limits(champion, catalogue, monkeypatch):
+    """max_records (413) and max_history (400), from the logged model_config, a load-time override
+    and the CDSR_SERVE_* environment."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _, _, ids, doms, ts = _history(catalogue, user=1, n=4)
+    rec = {"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": "Books", "k": 3}
+    monkeypatch.delenv("CDSR_SERVE_MAX_RECORDS", raising=False)
+    monkeypatch.delenv("CDSR_SERVE_MAX_HISTORY", raising=False)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion", model_config={"max_records": 2, "max_history": 3})
+    with pytest.raises(MlflowException) as err:
+        model.predict(pd.DataFrame([rec] * 3))
+    assert err.value.get_http_status_code() == 413 and err.value.error_code == "REQUEST_LIMIT_EXCEEDED"
+    assert "request has 3 records, over the limit of 2 per request" in err.value.message
+    assert "serve.max_records in params.yaml or CDSR_SERVE_MAX_RECORDS" in err.value.message
+    short = {**rec, "item_ids": ids[-3:], "domains": doms[-3:], "timestamps": ts[-3:]}
+    with pytest.raises(MlflowException) as err:
+        model.predict(pd.DataFrame([short, rec]))
+    assert err.value.get_http_status_code() == 400
+    assert "row 1: 'item_ids' has 4 events, over the history limit of 3" in err.value.message
+    assert "serve.max_history in params.yaml or CDSR_SERVE_MAX_HISTORY" in err.value.message
+    assert len(model.predict(pd.DataFrame([short] * 2))) == 2
+
+    monkeypatch.setenv("CDSR_SERVE_MAX_RECORDS", "1")  # the environment where it is loaded wins
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    with pytest.raises(MlflowException, match="request has 2 records, over the limit of 1"):
+        model.predict(pd.DataFrame([rec] * 2))
+    assert len(model.predict(pd.DataFrame([rec]))) == 1  # max_history: the logged default (10000)
+    monkeypatch.setenv("CDSR_SERVE_MAX_RECORDS", "none")
+    with pytest.raises(MlflowException, match="CDSR_SERVE_MAX_RECORDS: expected a positive integer, got 'none'"):
+        mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
 
 
 # -- the REST scoring server -------------------------------------------------------------------
@@ -251,9 +340,100 @@ def test_models_serve_over_http(server, catalogue):
          "Model is missing inputs ['target_domain']"),
         ({"dataframe_records": [{**good, "k": 5000}]}, "k must be an integer in 1..1000"),
         ({"dataframe_records": [{**good, "item_ids": "B0S0000002"}]}, "item_ids"),
+        ({"dataframe_records": [good, {**good, "item_ids": [None] + ids}]},  # was 200, scored as ["n", ...]
+         "row 1: 'item_ids'[0] must be a string, got null"),
     ]
     for payload, message in bad:
         status, body = _post(f"{base}/invocations", json.dumps(payload))
         assert status == 400 and message in body["message"], (payload, status, body)
     status, body = _post(f"{base}/invocations", '{"dataframe_records": [{"item_ids": [')  # malformed JSON
     assert status == 400 and "valid JSON" in body["message"], body
+
+
+# -- `cdsr serve`: MLflow's scoring app behind the request limits --------------------------------
+SERVE_LIMITS = {"max_body_bytes": 256 * 1024, "max_records": 4, "max_history": 30, "max_json_depth": 16}
+
+
+@pytest.fixture(scope="module")
+def cdsr_server(champion, store, tmp_path_factory):
+    """`cdsr serve --model models:/cdsr-t@champion` with small limits from its --params file, booting
+    alongside ``server``; stopped by killing its process group."""
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("cdsr-serve")
+    params = tmp / "params.yaml"
+    params.write_text(json.dumps({"serve": SERVE_LIMITS}))  # JSON is YAML
+    cdsr = Path(sys.executable).parent / "cdsr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDSR_SERVE_")}
+    env["MLFLOW_TRACKING_URI"] = store[0]
+    log = tmp / "serve.log"
+    proc = start([str(cdsr), "serve", "--model", f"models:/{MODEL}@champion", "--params", str(params),
+                  "--port", str(port)], env, log, cwd=tmp)
+    try:
+        yield proc, port, log
+    finally:
+        stop(proc)
+
+
+def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Send ``head`` (request line + headers) and ``body`` as they are; -> status and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode() + b"\r\n" + body)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, json.loads(r.read())
+
+
+def test_cdsr_serve_limits_over_http(cdsr_server, catalogue):
+    proc, port, log = cdsr_server
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/ping", proc, log, timeout=90, interval=0.25)
+    url = f"{base}/invocations"
+    _, _, ids, doms, ts = _history(catalogue, user=7, n=6)
+    good = {"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": "Books", "k": 4}
+
+    def ok():
+        status, body = _post(url, json.dumps({"dataframe_records": [good]}))
+        assert status == 200 and len(body["predictions"][0]["item_ids"]) == 4, (status, body)
+
+    ok()
+    # 11: a null inside item_ids (was 200 with unknown_items ["n", "B"])
+    status, body = _post(url, json.dumps({"dataframe_records": [good, {**good, "item_ids": [None] + ids[1:]}]}))
+    assert status == 400 and "row 1: 'item_ids'[0] must be a string, got null" in body["message"], body
+    # 12: 100k levels of nesting (was 500: RecursionError inside MLflow's JSON parsing)
+    deep = '{"dataframe_records": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    status, body = _post(url, deep)
+    assert status == 400 and body["error_code"] == "BAD_REQUEST", body
+    assert "nested 100001 levels deep, over the limit of 16" in body["message"]
+    assert "serve.max_json_depth in params.yaml or CDSR_SERVE_MAX_JSON_DEPTH" in body["message"]
+    # 13: a body over the cap, by Content-Length: answered before any of it is sent ...
+    status, body = _raw_request(port, "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                      "Content-Length: 40000000\r\n")
+    assert status == 413 and body["error_code"] == "REQUEST_LIMIT_EXCEEDED", body
+    assert "request body is 40000000 bytes, over the limit of 262144 bytes" in body["message"]
+    assert "CDSR_SERVE_MAX_BODY_BYTES" in body["message"]
+    # ... or sent whole by a client that reads only afterwards (urllib) ...
+    status, body = _post(url, b"[" * 300_000)
+    assert status == 413 and "request body is 300000 bytes, over the limit of 262144" in body["message"], body
+    # ... and chunked, without a length: cut off once the streamed bytes pass the cap
+    chunk = b"[" * 32 * 1024
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(9)) + b"0\r\n\r\n"  # 288 KiB
+    status, body = _raw_request(port, "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                      "Transfer-Encoding: chunked\r\n", chunks)
+    assert status == 413 and "request body is over the limit of 262144 bytes" in body["message"], body
+    # too many records (413) and too long a history (400)
+    status, body = _post(url, json.dumps({"dataframe_records": [good] * 5}))
+    assert status == 413 and "request has 5 records, over the limit of 4" in body["message"], body
+    assert "CDSR_SERVE_MAX_RECORDS" in body["message"]
+    status, body = _post(url, json.dumps({"dataframe_split": {"columns": list(good), "data": [list(good.values())] * 5}}))
+    assert status == 413 and "request has 5 records" in body["message"], body
+    _, _, ids, doms, ts = _history(catalogue, user=7, n=40)
+    if len(ids) > 30:
+        long = {**good, "item_ids": ids, "domains": doms, "timestamps": ts}
+    else:  # a short user: repeat the history
+        long = {**good, "item_ids": ids * 31, "domains": doms * 31, "timestamps": list(range(len(ids) * 31))}
+    status, body = _post(url, json.dumps({"dataframe_records": [long]}))
+    assert status == 400 and f"row 0: 'item_ids' has {len(long['item_ids'])} events, over the history limit of 30" \
+        in body["message"], body
+    assert "CDSR_SERVE_MAX_HISTORY" in body["message"]
+    ok()  # the server survived all of it
+    assert proc.poll() is None

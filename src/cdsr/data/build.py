@@ -15,6 +15,7 @@ Layout under ``<root>/<dataset>/`` (root = ``data`` by default)::
 
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -55,8 +56,10 @@ def stage_generate(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
 
 
 def with_data_root(cfg: DatasetConfig, data_root: str | Path) -> DatasetConfig:
-    """Substitute ``{data_root}`` in source paths (generated datasets read their own raw/)."""
-    sources = [replace(s, path=s.path.replace("{data_root}", str(data_root))) for s in cfg.sources]
+    """Substitute ``{data_root}`` in source paths (generated datasets read their own raw/); the
+    root is glob-escaped, so a ``[`` or ``*`` in it is a character, not a pattern."""
+    root = glob.escape(str(data_root))
+    sources = [replace(s, path=s.path.replace("{data_root}", root)) for s in cfg.sources]
     return replace(cfg, sources=sources)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cdsr.config import ConfigError, from_dict, load_params
+from cdsr.config import ConfigError, check_dataset_name, from_dict, load_params
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SourceConfig:
     # interaction-csv: canonical field -> header name (user, item, timestamp, rating?, domain?)
     columns: dict[str, str] = field(default_factory=dict)
     # amazon-2023-jsonl: which field holds the item (parent_asin, falling back to asin)
-    item_field: str = "parent_asin"
+    item_field: Literal["parent_asin", "asin"] = "parent_asin"
     # abxi-benchmark: JSON maps of the release, and domain names by domain index
     item_map: str | None = None
     user_map: str | None = None
@@ -35,6 +36,24 @@ class SourceConfig:
     # interaction-csv: seconds (s) or milliseconds (ms) since the epoch
     timestamp_unit: Literal["s", "ms"] = "s"
     delimiter: str = ","
+
+    def __post_init__(self) -> None:
+        """Strings that reach a parser are checked here, so a bad one is a ConfigError naming the
+        key rather than a traceback in the middle of an ingest."""
+        where = f"source {self.path}"
+        if not self.delimiter or any(c in self.delimiter for c in "\r\n"):
+            raise ConfigError(f"{where}: delimiter {self.delimiter!r} must be non-empty, without line breaks")
+        if self.domain_regex is not None:
+            try:
+                groups = re.compile(self.domain_regex).groupindex
+            except re.error as exc:
+                raise ConfigError(f"{where}: domain_regex {self.domain_regex!r} is not a regex: {exc}") from exc
+            if "domain" not in groups:
+                raise ConfigError(f"{where}: domain_regex {self.domain_regex!r} has no (?P<domain>...) group")
+
+
+# what DuckDB's memory_limit accepts (a number with a unit, or a share of RAM)
+_MEMORY_LIMIT = re.compile(r"\s*\d+(\.\d+)?\s*(%|[KMGT]i?B|B|bytes)\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,12 @@ class IngestConfig:
     chunk_bytes: int = 16 * 1024 * 1024
     # DuckDB memory limit for the whole-file duplicate / cross-domain pass (spills beyond it)
     memory_limit: str = "512MB"
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ConfigError(f"ingest.chunk_bytes: {self.chunk_bytes} must be a positive number of bytes")
+        if not _MEMORY_LIMIT.fullmatch(self.memory_limit):
+            raise ConfigError(f"ingest.memory_limit: {self.memory_limit!r} is not a size like '512MB', '2GiB' or '50%'")
 
     def timestamp_bounds(self) -> tuple[int | None, int | None]:
         return _to_unix(self.min_timestamp), _to_unix(self.max_timestamp, end_of_day=True)
@@ -170,6 +195,7 @@ def dataset_config(params: dict[str, Any], name: str) -> DatasetConfig:
     datasets = params.get("datasets") or {}
     if name not in datasets:
         raise ConfigError(f"dataset '{name}' is not declared under 'datasets:' (declared: {sorted(datasets)})")
+    check_dataset_name(name)
     raw = dict(datasets[name] or {})
     where = f"datasets.{name}"
     seq = dict(raw.get("sequences") or {})

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cdsr  # noqa: F401  (offline env vars before great_expectations is imported)
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.expectation import Expectation
 
+import cdsr  # noqa: F401  (offline env vars before great_expectations is imported)
 from cdsr.data.config import DatasetConfig
+from cdsr.data.formats import ID_CONTROL_CHARS
 from cdsr.data.schemas import MIN_SEQUENCE_EVENTS, UserConstraints
 
 INTERACTION_TYPES = {
@@ -73,6 +74,9 @@ def interactions_expectations(cfg: DatasetConfig) -> list[Expectation]:
     for col in ("user_id", "item_id"):
         ex.append(_x(gxe.ExpectColumnValuesToNotMatchRegex, f"{col}:non_empty",
                      f"{col} is not empty or blank (ids are trimmed at ingest).", column=col, regex=r"^\s*$"))
+        ex.append(_x(gxe.ExpectColumnValuesToNotMatchRegex, f"{col}:no_control_chars",
+                     f"{col} holds no control character (NUL, tab, DEL...): such an id prints like another one.",
+                     column=col, regex=ID_CONTROL_CHARS))
     if cfg.domains:
         ex.append(_x(gxe.ExpectColumnValuesToBeInSet, "domain:declared_domain",
                      "Only the domains declared in params.yaml.", column="domain", value_set=list(cfg.domains)))

@@ -7,9 +7,19 @@ Canonical interactions (one row per event)::
     sequence-format line, 0 for row formats), ingest_order: int64 (raw order: declared file
     order, then line, then position; the tie-break for equal timestamps)
 
+Quarantine (one row per rejected raw row or event)::
+
+    source_file, source_line, source_pos, reason, raw (the rejected text, at most 2000 characters;
+    an invalid UTF-8 line shows its bad bytes as backslash escapes), user_id, item_id, domain,
+    raw_bytes (the exact bytes of an ``invalid_utf8`` line, for inspection and replay; else null)
+
 Every raw row ends in exactly one of: interactions, quarantine (with its reason) or duplicates
 (exact-duplicate events under ``duplicates: drop``), so
-``rows_read = rows_kept + rows_quarantined + rows_duplicate`` holds and is asserted.
+``rows_read = rows_kept + rows_quarantined + rows_duplicate`` holds and is asserted. A line that
+is not valid UTF-8 counts as one row read (it cannot be split into events).
+
+Paths and config strings reach DuckDB only as bound settings or quoted literals (``_sql_str``):
+a data root may hold any character.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,16 +40,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdsr.data.config import DatasetConfig, SourceConfig
-from cdsr.data.formats import FORMATS, TIMESTAMP_MS, RawFormatError, _sql_str, file_domain, iter_line_chunks
+from cdsr.data.formats import (
+    FORMATS,
+    ID_CONTROL_CHARS,
+    TIMESTAMP_MS,
+    LineChunk,
+    LineReader,
+    RawFormatError,
+    _sql_str,
+    check_regular_file,
+    file_domain,
+)
 
 log = logging.getLogger(__name__)
 
-INTERACTION_COLUMNS = [
-    "user_id", "item_id", "domain", "timestamp", "rating",
-    "source_file", "source_line", "source_pos", "ingest_order",
-]
-QUARANTINE_COLUMNS = ["source_file", "source_line", "source_pos", "reason", "raw", "user_id", "item_id", "domain"]
+INTERACTION_SCHEMA = pa.schema([
+    ("user_id", pa.string()), ("item_id", pa.string()), ("domain", pa.string()), ("timestamp", pa.int64()),
+    ("rating", pa.float64()), ("source_file", pa.string()), ("source_line", pa.int64()),
+    ("source_pos", pa.int32()), ("ingest_order", pa.int64()),
+])
+INTERACTION_COLUMNS = INTERACTION_SCHEMA.names
+QUARANTINE_SCHEMA = pa.schema([
+    ("source_file", pa.string()), ("source_line", pa.int64()), ("source_pos", pa.int32()), ("reason", pa.string()),
+    ("raw", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("domain", pa.string()),
+    ("raw_bytes", pa.binary()),
+])
+QUARANTINE_COLUMNS = QUARANTINE_SCHEMA.names
 RAW_MAX_CHARS = 2000
+# temp directories are named after their owner process, so a later ingest can remove the ones a
+# killed ingest left behind (they hold spill files of the size of the data)
+TMP_PREFIX = "cdsr-ingest-"
+_TMP_OWNER = re.compile(rf"{TMP_PREFIX}(\d+)-")
+_EXACT_DOUBLE_INT = 2**53  # doubles hold every integer up to here
 
 
 def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
@@ -47,7 +81,8 @@ def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
         if src.format not in FORMATS:
             raise RawFormatError(f"dataset '{cfg.name}': unknown format '{src.format}' for {src.path}; "
                                  f"known formats: {sorted(FORMATS)}")
-        if any(ch in src.path for ch in "*?["):
+        # a path that exists as written is a file, even if its name holds glob characters
+        if any(ch in src.path for ch in "*?[") and not os.path.lexists(src.path):
             parent = Path(src.path).parent
             if not parent.is_dir():
                 raise RawFormatError(f"dataset '{cfg.name}': raw directory {parent} does not exist")
@@ -56,13 +91,12 @@ def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
                 raise RawFormatError(f"dataset '{cfg.name}': no raw files match {src.path}")
         else:
             p = Path(src.path)
-            if not p.exists():
+            if not p.exists() and not p.is_symlink():  # a broken link is named as such below
                 raise RawFormatError(f"dataset '{cfg.name}': raw file {p} does not exist")
             paths = [p]
         for p in paths:
-            if p.is_dir():
-                raise RawFormatError(f"{p}: is a directory, expected a raw file (use a glob like {p}/*.csv)")
-            if p.stat().st_size == 0:
+            # a glob lists dangling links and FIFOs like files: refuse them by name, never hang
+            if check_regular_file(p).st_size == 0:
                 raise RawFormatError(f"{p}: empty file")
             if cfg.domains and src.format in _FILE_DOMAIN_FORMATS and not src.columns.get("domain"):
                 d = file_domain(src, p)
@@ -78,33 +112,45 @@ _FILE_DOMAIN_FORMATS = {"amazon-review-json", "amazon-2023-jsonl", "ratings-csv-
 def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | None, int | None],
                 domains: list[str], reorders: bool) -> str:
     """Wrap a format query with the shared field checks; first failing check is the reason.
-    The raw text is kept for rejected rows only (it is what the quarantine file shows)."""
+    The raw text is kept for rejected rows only (it is what the quarantine file shows).
+
+    A timestamp is parsed as a DOUBLE, so it must be finite and below 2^53 in magnitude (in its
+    own unit) whatever the configured bounds: up to there a double holds every integer exactly,
+    beyond it the value would be silently rounded, and beyond 2^63 the BIGINT cast used to raise
+    a ConversionException for the whole query. Such a value is ``timestamp_out_of_range``; the
+    cast is a ``try_cast`` all the same. Ids holding control characters (NUL, tab, DEL..., also
+    from JSON escapes such as \\u0000) are rejected: they print like another id.
+    """
     ms = src.format in TIMESTAMP_MS or src.timestamp_unit == "ms"
-    tsd = "(try_cast(ts_text as DOUBLE) / 1000.0)" if ms else "try_cast(ts_text as DOUBLE)"
+    tsd = "(num / 1000.0)" if ms else "num"
+    ctrl = _sql_str(ID_CONTROL_CHARS)
     lo, hi = bounds
-    range_fail = ["not isfinite(tsd)"]
+    range_fail = ["not isfinite(num)", f"abs(num) >= {_EXACT_DOUBLE_INT}"]
     if lo is not None:
-        range_fail.append(f"tsd < {lo}")
+        range_fail.append(f"tsd < {int(lo)}")
     if hi is not None:
-        range_fail.append(f"tsd > {hi}")
+        range_fail.append(f"tsd > {int(hi)}")
     dom_check = ""
     if domains:
         dom_list = ", ".join("'" + d.replace("'", "''") + "'" for d in domains)
         dom_check = f"when domain not in ({dom_list}) then 'undeclared_domain'"
     return f"""
         with r as ({inner}),
-        t as (select *, trim(user_id) as u, trim(item_id) as i, {tsd} as tsd from r),
+        n as (select *, try_cast(ts_text as DOUBLE) as num from r),
+        t as (select *, trim(user_id) as u, trim(item_id) as i, {tsd} as tsd from n),
         v as (
         select u as user_id, i as item_id, domain,
-               case when reason_pre is null and tsd is not null and isfinite(tsd)
-                    then floor(tsd)::BIGINT end as timestamp,
+               case when reason_pre is null and isfinite(num) and abs(num) < {_EXACT_DOUBLE_INT}
+                    then try_cast(floor(tsd) as BIGINT) end as timestamp,
                try_cast(rating_text as DOUBLE) as rating,
                source_line, source_pos::INTEGER as source_pos, raw,
                case when reason_pre is not null then reason_pre
                     when user_id is null then 'missing_user_id'
                     when u = '' then 'empty_user_id'
+                    when regexp_matches(u, {ctrl}) then 'control_char_in_user_id'
                     when item_id is null then 'missing_item_id'
                     when i = '' then 'empty_item_id'
+                    when regexp_matches(i, {ctrl}) then 'control_char_in_item_id'
                     when domain is null or domain = '' then 'missing_domain'
                     {dom_check}
                     when ts_text is null or trim(ts_text) = '' then 'missing_timestamp'
@@ -128,33 +174,36 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
     t0 = time.time()
     files = resolve_sources(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out_dir)
     bounds = cfg.ingest.timestamp_bounds()
-    tmp = Path(tempfile.mkdtemp(prefix="cdsr-ingest-", dir=out_dir))
-    con = duckdb.connect()
-    # a bounded memory limit makes DuckDB spill the whole-file policy pass to disk, so peak
-    # memory stays flat in the file size
-    con.execute(f"SET temp_directory='{tmp}'; SET memory_limit='{cfg.ingest.memory_limit}'; "
-                "SET preserve_insertion_order=true")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out_dir))
+    con: duckdb.DuckDBPyConnection | None = None
+    writers: dict[Path, pq.ParquetWriter] = {}
     try:
+        # settings are bound values, not SQL text; a bounded memory limit makes DuckDB spill the
+        # whole-file policy pass to disk, so peak memory stays flat in the file size
+        con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": cfg.ingest.memory_limit,
+                                     "preserve_insertion_order": True})
         cand_path = tmp / "candidates.parquet"
         qpath = tmp / "quarantine_rows.parquet"
         per_file = []
         order = 0
-        cand_writer = q_writer = None
         for src, path in files:
             reader = FORMATS[src.format](src, path)
             for name, table in (reader.tables or {}).items():
                 con.register(name, table)
             sql = _checks_sql(reader.query, src, path, bounds, cfg.domains, reader.reorders)
             stats = {"file": str(path), "format": src.format, "rows_read": 0, "rows_rejected": 0}
-            for first, lines in iter_line_chunks(path, cfg.ingest.chunk_bytes):
-                if first <= reader.skip_lines:
-                    drop = reader.skip_lines - first + 1
-                    lines, first = lines.slice(drop), first + drop
-                if len(lines) == 0:
+            lines = LineReader(path, cfg.ingest.chunk_bytes)
+            for chunk in lines:
+                chunk = chunk.after(reader.skip_lines)
+                if len(chunk.bad_line_no):  # one quarantined row each, never seen by the format query
+                    _write(writers, qpath, _invalid_utf8_rows(path, chunk))
+                    stats["rows_read"] += len(chunk.bad_line_no)
+                    stats["rows_rejected"] += len(chunk.bad_line_no)
+                if len(chunk.lines) == 0:
                     continue
-                chunk = pa.table({"line": lines, "source_line": pa.array(np.arange(first, first + len(lines)))})
-                con.register("chunk", chunk)
+                con.register("chunk", pa.table({"line": chunk.lines, "source_line": pa.array(chunk.line_no)}))
                 res = con.sql(sql).to_arrow_table()
                 con.unregister("chunk")
                 n = res.num_rows
@@ -165,22 +214,24 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
                 stats["rows_read"] += n
                 stats["rows_rejected"] += bad.num_rows
                 if good.num_rows:
-                    good = good.select(INTERACTION_COLUMNS)
-                    cand_writer = cand_writer or pq.ParquetWriter(cand_path, good.schema)
-                    cand_writer.write_table(good)
+                    _write(writers, cand_path, good.select(INTERACTION_COLUMNS).cast(INTERACTION_SCHEMA))
                 if bad.num_rows:
-                    bad = bad.select(QUARANTINE_COLUMNS)
-                    q_writer = q_writer or pq.ParquetWriter(qpath, bad.schema)
-                    q_writer.write_table(bad)
+                    bad = bad.select(QUARANTINE_COLUMNS[:-1])
+                    _write(writers, qpath, bad.append_column("raw_bytes", pa.nulls(bad.num_rows, pa.binary()))
+                           .cast(QUARANTINE_SCHEMA))
             if stats["rows_read"] == 0:
                 raise RawFormatError(f"{path}: empty file (no data rows{' after the header' if reader.skip_lines else ''})")
+            stats["line_endings"] = lines.line_endings
+            stats["utf8_bom"] = lines.utf8_bom
             per_file.append(stats)
-        for w in (cand_writer, q_writer):
-            if w is not None:
-                w.close()
+        for w in writers.values():
+            w.close()
         report = _apply_policies(con, cfg, cand_path, qpath, out_dir)
     finally:
-        con.close()
+        for w in writers.values():
+            w.close()  # a no-op once closed; on an error, before the directory goes
+        if con is not None:
+            con.close()
         shutil.rmtree(tmp, ignore_errors=True)
     report["files"] = per_file
     report["policies"] = {"duplicates": cfg.ingest.duplicates, "cross_domain_items": cfg.ingest.cross_domain_items,
@@ -192,21 +243,69 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
     return report
 
 
+def _write(writers: dict[Path, pq.ParquetWriter], path: Path, table: pa.Table) -> None:
+    """Append ``table`` to the Parquet file at ``path`` (opened on first use)."""
+    if path not in writers:
+        writers[path] = pq.ParquetWriter(path, table.schema)
+    writers[path].write_table(table)
+
+
+def _invalid_utf8_rows(path: Path, chunk: LineChunk) -> pa.Table:
+    """Quarantine rows for the chunk's lines that are not valid UTF-8: ``raw`` readable (bad
+    bytes as backslash escapes), ``raw_bytes`` the exact line, so nothing is lost or altered."""
+    n = len(chunk.bad_line_no)
+    text = [b.decode("utf-8", "backslashreplace")[:RAW_MAX_CHARS] for b in chunk.bad_bytes.to_pylist()]
+    return pa.table({
+        "source_file": pa.array([str(path)] * n, pa.string()),
+        "source_line": pa.array(chunk.bad_line_no, pa.int64()),
+        "source_pos": pa.array(np.zeros(n, dtype=np.int32)),
+        "reason": pa.array(["invalid_utf8"] * n, pa.string()),
+        "raw": pa.array(text, pa.string()),
+        "user_id": pa.nulls(n, pa.string()),
+        "item_id": pa.nulls(n, pa.string()),
+        "domain": pa.nulls(n, pa.string()),
+        "raw_bytes": chunk.bad_bytes.cast(pa.binary()),
+    }, schema=QUARANTINE_SCHEMA)
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    """Remove temp directories left in ``out_dir`` by ingests that were killed (their owner
+    process is gone); those of a live process (a concurrent run) are left alone."""
+    for d in out_dir.glob(f"{TMP_PREFIX}*"):
+        m = _TMP_OWNER.match(d.name)
+        if m and d.is_dir() and not d.is_symlink() and not _pid_alive(int(m.group(1))):
+            log.info("removing %s, left behind by a killed ingest", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
+    return True
+
+
 def _empty_quarantine() -> pa.Table:
-    return pa.table({c: pa.array([], pa.int32() if c == "source_pos" else pa.int64() if c == "source_line" else pa.string())
-                     for c in QUARANTINE_COLUMNS})
+    return QUARANTINE_SCHEMA.empty_table()
 
 
 def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Path, qrows: Path, out_dir: Path) -> dict:
     """Duplicate and cross-domain-item policies over all candidate rows (out of core)."""
+    out_inter, out_dup, out_q = (_sql_str(str(out_dir / f)) for f in
+                                 ("interactions.parquet", "duplicates.parquet", "quarantine.parquet"))
     if cand.exists():
-        con.execute(f"create view cand as select * from read_parquet('{cand}')")
+        con.execute(f"create view cand as select * from read_parquet({_sql_str(str(cand))})")
     else:  # every row was rejected
         con.execute("""create view cand as select NULL::VARCHAR user_id, NULL::VARCHAR item_id, NULL::VARCHAR domain,
                        NULL::BIGINT timestamp, NULL::DOUBLE rating, NULL::VARCHAR source_file, NULL::BIGINT source_line,
                        NULL::INTEGER source_pos, NULL::BIGINT ingest_order where false""")
     if qrows.exists():
-        con.execute(f"create view qrows as select * from read_parquet('{qrows}')")
+        con.execute(f"create view qrows as select * from read_parquet({_sql_str(str(qrows))})")
     else:
         con.register("qrows", _empty_quarantine())
     dup = cfg.ingest.duplicates == "drop"
@@ -232,18 +331,18 @@ def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Pa
         shutil.copyfile(cand, out_dir / "interactions.parquet")
     else:
         con.execute(f"copy (select {cols} from labelled where fate is null order by ingest_order) "
-                    f"to '{out_dir / 'interactions.parquet'}' (format parquet)")
+                    f"to {out_inter} (format parquet)")
     con.execute(f"copy (select {cols} from labelled where fate = 'duplicate' order by ingest_order) "
-                f"to '{out_dir / 'duplicates.parquet'}' (format parquet)")
+                f"to {out_dup} (format parquet)")
     con.execute(f"""copy (
-        select source_file, source_line, source_pos, reason, raw, user_id, item_id, domain from qrows
+        select source_file, source_line, source_pos, reason, raw, user_id, item_id, domain, raw_bytes from qrows
         union all
-        select source_file, source_line, source_pos, fate, NULL, user_id, item_id, domain
+        select source_file, source_line, source_pos, fate, NULL, user_id, item_id, domain, NULL::BLOB
         from labelled where fate = 'item_in_multiple_domains'
-        order by source_file, source_line, source_pos) to '{out_dir / 'quarantine.parquet'}' (format parquet)""")
+        order by source_file, source_line, source_pos) to {out_q} (format parquet)""")
     kept = con.execute("select count(*) from labelled where fate is null").fetchone()[0]
     dups = con.execute("select count(*) from labelled where fate = 'duplicate'").fetchone()[0]
-    reasons = dict(con.execute(f"select reason, count(*) from read_parquet('{out_dir / 'quarantine.parquet'}') "
+    reasons = dict(con.execute(f"select reason, count(*) from read_parquet({out_q}) "
                                "group by reason order by 2 desc, 1").fetchall())
     n_cand = con.execute("select count(*) from cand").fetchone()[0]
     n_q = sum(reasons.values())

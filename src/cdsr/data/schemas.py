@@ -23,6 +23,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from cdsr.data.config import DatasetConfig
+from cdsr.data.formats import ID_CONTROL_CHARS
 
 # a user needs a validation target, a test target and at least one training event
 MIN_SEQUENCE_EVENTS = 3
@@ -48,6 +49,12 @@ def _non_blank(s: pd.Series) -> pd.Series:
     return s.isna() | (s.astype("str").str.strip().str.len() > 0)
 
 
+def _no_control_chars(s: pd.Series) -> pd.Series:
+    """True where a string holds no C0 control character or DEL (nulls pass: not_null reports them).
+    Ingest quarantines such ids; this is the same rule one layer later (defence in depth)."""
+    return s.isna() | ~s.astype("str").str.contains(ID_CONTROL_CHARS, regex=True)
+
+
 def _sorted_view(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows with non-null keys sorted by keys (stable), so per-group diffs are one vector op."""
     return df.dropna(subset=keys).sort_values(keys, kind="stable")
@@ -65,7 +72,7 @@ def interactions_schema(cfg: DatasetConfig) -> pa.DataFrameSchema:
     """The canonical interactions table of the ingest stage.
 
     Guards: the column layout and dtypes the later stages read; no nulls except ``rating``;
-    non-blank ids; only declared domains; timestamps inside the configured bounds; 1-based
+    non-blank ids without control characters; only declared domains; timestamps inside the configured bounds; 1-based
     source lines (every row traces back to its raw line); a unique raw order (the tie-break for
     equal timestamps); each item in exactly one domain (the cross-domain-items policy ran);
     no exact duplicate events under ``duplicates: drop``; at least one row.
@@ -77,7 +84,7 @@ def interactions_schema(cfg: DatasetConfig) -> pa.DataFrameSchema:
                                            hi if hi is not None else np.iinfo(np.int64).max,
                                            name="within_bounds"))
     domain_checks = [pa.Check.isin(list(cfg.domains), name="declared_domain")] if cfg.domains else []
-    non_blank = [pa.Check(_non_blank, name="non_empty")]
+    id_checks = [pa.Check(_non_blank, name="non_empty"), pa.Check(_no_control_chars, name="no_control_chars")]
     table_checks = [
         pa.Check(lambda df: len(df) > 0, name="at_least_one_row"),
         pa.Check(_item_in_one_domain, name="item_in_one_domain"),
@@ -86,8 +93,8 @@ def interactions_schema(cfg: DatasetConfig) -> pa.DataFrameSchema:
         table_checks.append(pa.Check(_no_exact_duplicates, name="no_exact_duplicates"))
     return pa.DataFrameSchema(
         {
-            "user_id": pa.Column(str, checks=non_blank),
-            "item_id": pa.Column(str, checks=non_blank),
+            "user_id": pa.Column(str, checks=id_checks),
+            "item_id": pa.Column(str, checks=id_checks),
             "domain": pa.Column(str, checks=domain_checks),
             "timestamp": pa.Column("int64", checks=ts_checks),
             "rating": pa.Column("float64", nullable=True),

@@ -9,9 +9,22 @@ Input: a DataFrame, one row per request (REST: ``{"dataframe_records": [...]}``)
 
     item_ids       list[str]  the user's recent history (raw item ids), oldest first
     domains        list[str]  domain name of each event (the domain label the model sees)
-    timestamps     list[int]  unix seconds of each event (stable-sorted before use)
+    timestamps     list[int]  unix seconds of each event (stable-sorted before use; an
+                              integral number such as 1.6e9 is taken as that integer)
     target_domain  str        the domain to recommend in
     k              int        how many items, 1..1000 (optional, default 10)
+
+Every element is checked here: a ``null``, number or list inside ``item_ids`` / ``domains``, or
+a ``null``, boolean, string or fractional number inside ``timestamps``, is an error naming the
+row, the column and the position. (The signature declares the three lists as ``Array(Any)`` on
+purpose: with ``Array(string)`` MLflow's schema enforcement, both when the scoring server parses
+the JSON and again in ``PyFuncModel.predict``, silently turns ``[null, "B"]`` into
+``["n", "B"]``, ``[1, true]`` into ``["1", "True"]`` and an object into its repr.)
+
+Limits (:class:`cdsr.track.serve.ServeConfig`, logged with the model as ``model_config`` and
+overridden where it is loaded by ``CDSR_SERVE_MAX_RECORDS`` / ``CDSR_SERVE_MAX_HISTORY``): more
+than ``max_records`` rows is HTTP 413, a history longer than ``max_history`` events is HTTP 400
+(the model reads only its last ``max_len`` events anyway).
 
 Output: one row per request: ``item_ids`` (top-k raw ids of the target domain, best first),
 ``scores`` (their model scores) and ``unknown_items`` (history ids not in the vocabulary: they
@@ -27,6 +40,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +52,10 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+from cdsr.track.serve import ServeConfig, env_name, limit_hint
 
 REQUIRED = ("item_ids", "domains", "timestamps", "target_domain")
 DEFAULT_K = 10
@@ -49,10 +65,15 @@ ITEM_COLUMNS = ["item_idx", "item_id", "domain_idx", "domain"]
 # distributions the logged model needs (the cdsr source itself travels as code_paths)
 REQUIREMENTS = ("torch", "numpy", "pandas", "polars", "pyarrow", "pyyaml", "cloudpickle", "mlflow")
 
+LIMITS = ("max_records", "max_history")  # the ServeConfig keys the model enforces itself
+INT64 = (-(2**63), 2**63 - 1)
+
 INPUT_SCHEMA = Schema([
-    ColSpec(Array(DataType.string), "item_ids"),
-    ColSpec(Array(DataType.string), "domains"),
-    ColSpec(Array(DataType.long), "timestamps"),
+    # Array(Any), not Array(string) / Array(long): MLflow coerces the elements of a typed array
+    # (None -> "n" or "None", 1 -> "1", true -> "True"); predict checks every element itself
+    ColSpec(Array(AnyType()), "item_ids"),
+    ColSpec(Array(AnyType()), "domains"),
+    ColSpec(Array(AnyType()), "timestamps"),
     ColSpec(DataType.string, "target_domain"),
     # "any", not long: with records that give k and records that do not, pandas makes the column
     # float64 with NaN, which a long column would reject; predict validates k itself
@@ -69,12 +90,86 @@ def _bad(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _as_list(value: Any, column: str, row: int) -> list:
+class RequestLimitExceeded(MlflowException):
+    """A request past a size limit: HTTP 413 from the scoring server (MLflow maps no error code
+    to 413, so the status is set here; the JSON error shape stays MLflow's)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=REQUEST_LIMIT_EXCEEDED)
+
+    def get_http_status_code(self) -> int:
+        return 413
+
+
+def _describe(value: Any) -> str:
+    """A request value as a JSON reader would name it: ``null``, ``boolean true``, ``string "1"``..."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise _bad(f"row {row}: '{column}' must be a list, got {type(value).__name__} {value!r}")
+        return "null"
+    kinds = ((bool, np.bool_, "boolean"), (int, np.integer, "integer"), (float, np.floating, "number"),
+             (str, str, "string"), (list, tuple, "array"), (dict, dict, "object"))
+    for a, b, kind in kinds:
+        if isinstance(value, (a, b)):
+            try:
+                text = json.dumps(value.item() if isinstance(value, np.generic) else value)
+            except (TypeError, ValueError):
+                text = repr(value)
+            break
+    else:
+        kind, text = type(value).__name__, repr(value)
+    return f"{kind} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _as_list(value: Any, column: str, row: int) -> list:
+    """A request list (list, tuple or 1-d array) as a Python list; anything else is an error."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()  # numpy scalars -> Python ones
+    if not isinstance(value, (list, tuple)):
+        raise _bad(f"row {row}: '{column}' must be a list, got {_describe(value)}")
     return list(value)
+
+
+def _strings(values: list, column: str, row: int) -> list[str]:
+    for i, x in enumerate(values):
+        if not isinstance(x, str):
+            raise _bad(f"row {row}: '{column}'[{i}] must be a string, got {_describe(x)}")
+    return values
+
+
+def _timestamps(values: list, row: int) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.int64)
+    for i, x in enumerate(values):
+        if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+            v = int(x)
+        elif isinstance(x, (float, np.floating)) and math.isfinite(x) and float(x).is_integer():
+            v = int(x)
+        else:
+            raise _bad(f"row {row}: 'timestamps'[{i}] must be an integer (unix seconds), got {_describe(x)}")
+        if not INT64[0] <= v <= INT64[1]:
+            raise _bad(f"row {row}: 'timestamps'[{i}] is out of the 64-bit integer range, got {_describe(x)}")
+        out[i] = v
+    return out
+
+
+def model_limits(model_config: dict | None, env: dict | None = None) -> dict[str, int]:
+    """The model's limits: ServeConfig defaults <- ``model_config`` (logged with the model, or given
+    to ``load_model``) <- ``CDSR_SERVE_MAX_RECORDS`` / ``CDSR_SERVE_MAX_HISTORY``."""
+    env = os.environ if env is None else env
+    defaults = ServeConfig()
+    out = {}
+    for key in LIMITS:
+        value: Any = (model_config or {}).get(key, getattr(defaults, key))
+        where = f"model_config {key}"
+        if env.get(env_name(key), "").strip():
+            value, where = env[env_name(key)].strip(), env_name(key)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if isinstance(value, bool) or number < 1 or (isinstance(value, float) and value != number):
+            raise MlflowException(f"{where}: expected a positive integer, got {value!r}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        out[key] = number
+    return out
 
 
 class CDSRRecommender(mlflow.pyfunc.PythonModel):
@@ -86,6 +181,8 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
 
         run = Path(context.artifacts["run"])
         cfg = json.loads((run / "config.json").read_text())
+        limits = model_limits(getattr(context, "model_config", None))
+        self.max_records, self.max_history = limits["max_records"], limits["max_history"]
         items = pd.read_parquet(run / "items.parquet", columns=ITEM_COLUMNS).sort_values("item_idx")
         doms = items.groupby("domain_idx").agg(lo=("item_idx", "min"), hi=("item_idx", "max"),
                                                name=("domain", "first")).sort_index()
@@ -115,15 +212,25 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise _bad(f"missing required column(s) {missing}; expected {list(REQUIRED)} and optional 'k'")
+        if len(df) > self.max_records:
+            raise RequestLimitExceeded(f"request has {len(df)} records, over the limit of {self.max_records} "
+                                       f"per request; send them in several requests or {limit_hint('max_records')}")
         known = ", ".join(self.names)
         histories, targets, ks, unknowns = [], [], [], []
         for row, rec in enumerate(df.to_dict("records")):
-            ids = [str(x) for x in _as_list(rec["item_ids"], "item_ids", row)]
-            labels = [str(x) for x in _as_list(rec["domains"], "domains", row)]
-            stamps = _as_list(rec["timestamps"], "timestamps", row)
+            lists = {c: _as_list(rec[c], c, row) for c in ("item_ids", "domains", "timestamps")}
+            for column, values in lists.items():
+                if len(values) > self.max_history:
+                    raise _bad(f"row {row}: '{column}' has {len(values)} events, over the history limit of "
+                               f"{self.max_history} (the model reads only the last {self.max_len}); send the "
+                               f"most recent events only or {limit_hint('max_history')}")
+            ids, labels, stamps = lists["item_ids"], lists["domains"], lists["timestamps"]
             if not len(ids) == len(labels) == len(stamps):
                 raise _bad(f"row {row}: item_ids, domains and timestamps must have the same length, "
                            f"got {len(ids)}, {len(labels)} and {len(stamps)}")
+            _strings(ids, "item_ids", row)
+            _strings(labels, "domains", row)
+            ts = _timestamps(stamps, row)
             target = rec["target_domain"]
             if not isinstance(target, str) or target not in self.dom_of_name:
                 raise _bad(f"row {row}: unknown target_domain {target!r}; known domains: {known}")
@@ -136,10 +243,6 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
             if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer, float, np.floating)) \
                     or not math.isfinite(k) or float(k) != int(k) or not 1 <= int(k) <= MAX_K:
                 raise _bad(f"row {row}: k must be an integer in 1..{MAX_K}, got {k!r}")
-            try:
-                ts = np.asarray(stamps, dtype=np.int64)
-            except (TypeError, ValueError, OverflowError) as e:
-                raise _bad(f"row {row}: timestamps must be integers (unix seconds): {e}") from None
             order = np.argsort(ts, kind="stable")
             idx = np.array([self.idx_of_id.get(i, 0) for i in ids], dtype=np.int64)[order]
             dom = np.array([self.dom_of_name[x] for x in labels], dtype=np.int64)[order]
@@ -230,11 +333,14 @@ def _input_example(items: pd.DataFrame) -> pd.DataFrame:
     }])
 
 
-def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model") -> mlflow.models.model.ModelInfo:
+def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model",
+               serve: ServeConfig | None = None) -> mlflow.models.model.ModelInfo:
     """Log ``run_dir`` (a :func:`cdsr.train.run.train_run` output) as a pyfunc model under the
-    active MLflow run; ``items_parquet`` is the dataset's processed ``items.parquet``."""
+    active MLflow run; ``items_parquet`` is the dataset's processed ``items.parquet``. The request
+    limits of ``serve`` (default: :class:`ServeConfig`'s) are logged with it as ``model_config``."""
     import cdsr
 
+    serve = serve or ServeConfig()
     run_dir, items_parquet = Path(run_dir), Path(items_parquet)
     cfg = json.loads((run_dir / "config.json").read_text())
     items = pd.read_parquet(items_parquet, columns=ITEM_COLUMNS).sort_values("item_idx").reset_index(drop=True)
@@ -260,4 +366,5 @@ def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model") -> mlflo
             pip_requirements=_requirements(),
             signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
             input_example=_input_example(items),
+            model_config={key: getattr(serve, key) for key in LIMITS},
         )

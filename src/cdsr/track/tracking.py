@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -189,3 +190,64 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
             mlflow.log_artifacts(str(p), artifact_path=artifact_path)
         elif Path(p).exists():
             mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+
+# -- runs left RUNNING by a killed process ----------------------------------------------------
+# Each run cdsr starts carries its owner (host, pid and the pid's start time, so a recycled pid
+# is not mistaken for the owner). A process killed with SIGKILL cannot end its runs; the next
+# `cdsr tune` / `cdsr benchmark` on the same store ends those whose owner is gone.
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat; the name (field 2) may hold spaces
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process as the owner of a run."""
+    return {"cdsr.host": socket.gethostname(), "cdsr.pid": str(os.getpid()),
+            "cdsr.pid_start": _proc_start(os.getpid()) or ""}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that owns a run (its :func:`owner_tags`) still runs: None when that
+    cannot be told from here (another host, or no owner recorded)."""
+    if tags.get("cdsr.host") != socket.gethostname() or not str(tags.get("cdsr.pid", "")).isdigit():
+        return None
+    pid = int(tags["cdsr.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    start = _proc_start(pid)
+    return start is None or not tags.get("cdsr.pid_start") or start == tags["cdsr.pid_start"]
+
+
+def reap_dead_runs(experiment_id: str, dead_trials: set[tuple[str, int]] | frozenset = frozenset()) -> list[str]:
+    """End the RUNNING runs of an experiment whose owner process is gone: status KILLED and a
+    ``cdsr.reaped`` tag saying why. ``dead_trials`` (``(study name, trial number)`` pairs that
+    Optuna marked failed by their missing heartbeat) also ends Optuna trial runs owned by
+    processes on other hosts. Returns the ended run ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        alive = owner_alive(tags)
+        trial = (tags.get("optuna.study"), int(tags["optuna.trial"])) if str(tags.get("optuna.trial", "")).isdigit() else None
+        if alive is False:
+            why = f"owner process {tags['cdsr.pid']} on {tags['cdsr.host']} is gone (killed)"
+        elif alive is None and trial is not None and trial in dead_trials:
+            why = f"Optuna trial {trial[1]} of study {trial[0]} was failed by its missing heartbeat"
+        else:
+            continue
+        client.set_tag(run.info.run_id, "cdsr.reaped", why)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from cdsr.config import ConfigError, from_dict
+from cdsr.config import ConfigError, check_dataset_name, from_dict
 from cdsr.data.loaders import SplitData
 from cdsr.evaluate.protocols import EvalConfig, RankResult, cat, rank_targets, summarise
 from cdsr.models.base import Vocab
@@ -77,7 +77,7 @@ def resolve(params: dict[str, Any], model: str, variant: str, epochs: int | None
 
 
 def load_split(dataset: str, data_root: str | Path = "data") -> SplitData:
-    processed = Path(data_root) / dataset / "processed"
+    processed = Path(data_root) / check_dataset_name(dataset) / "processed"
     if not (processed / "split.parquet").exists():
         raise FileNotFoundError(f"{processed} has no built split: run `cdsr data build --dataset {dataset}` first")
     return SplitData.load(processed)
@@ -98,6 +98,80 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+class RunDirError(ValueError):
+    """A run directory that cannot hold this run (a file, or a run of another configuration)."""
+
+
+# Config entries that do not change what a run computes: where the data was read from (its
+# content is pinned by ``data_version``), the progress bar, the device choice (as in the
+# benchmark's run key) and how often mid-epoch checkpoints are written.
+_NOT_PROVENANCE = {"data_root", "train.progress", "train.device", "train.checkpoint_every_steps"}
+
+
+def _budget_ok(key: str, old: Any, new: Any, state: dict | None) -> bool:
+    """Whether the run so far is also a run under the new training budget, so that resuming
+    (continuing, or stopping where it is) under it keeps the directory truthful: a larger or
+    smaller ``epochs`` that the run has not gone past, or a larger ``patience``."""
+    if state is None or not isinstance(new, int) or not isinstance(old, int):
+        return False
+    if key == "train.epochs":
+        return int(state.get("epoch", 0)) <= new
+    if key == "train.patience":
+        return new >= old
+    return False
+
+
+def _checkpoint_state(out_dir: Path) -> dict | None:
+    last = out_dir / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        return torch.load(last, map_location="cpu", weights_only=True)["state"]
+    except Exception as exc:  # any unreadable checkpoint (truncated, not a torch file) is reported the same way
+        raise RunDirError(f"{last}: unreadable checkpoint ({exc}); move the run directory away or pick another --out") from exc
+
+
+def prepare_run_dir(out_dir: Path, config: dict[str, Any]) -> None:
+    """Make ``out_dir`` hold the run of ``config``, or refuse with :class:`RunDirError`.
+
+    A directory that already holds a run (``config.json``) is resumed or reused only under the
+    same configuration: under other settings its checkpoints and metrics would sit next to a
+    config of the new ones. The training budget is the exception where the run so far is also
+    a run of the new budget (see :func:`_budget_ok`): a finished 20-epoch run continued to 30.
+    Keys one side lacks are settings that did not exist when the other was written (code grew
+    a field with a default) and are not compared. A directory with a config but no trained
+    state yet (no checkpoint, no metrics) takes the new config.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"{out_dir}: exists and is not a directory; a run directory is a folder (pick another --out)")
+    old_path = out_dir / "config.json"
+    if old_path.exists():
+        try:
+            old = json.loads(old_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{old_path}: unreadable ({exc}); move the run directory away or pick another --out") from exc
+        from cdsr.track.tracking import flatten
+
+        a, b = flatten(old), flatten(json.loads(json.dumps(config)))
+        diff = sorted(k for k in set(a) & set(b) if k not in _NOT_PROVENANCE and a[k] != b[k])
+        trained = any((out_dir / f).exists() for f in ("last.pt", "best.pt", "metrics.json", "fit.json")) or \
+            any(out_dir.glob("domain-*/last.pt"))
+        if diff and trained:
+            states = [_checkpoint_state(d) for d in [out_dir, *sorted(out_dir.glob("domain-*"))] if (d / "last.pt").exists()]
+            blocking = [k for k in diff if not (states and all(_budget_ok(k, a[k], b[k], st) for st in states))]
+            if blocking:
+                shown = "; ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in blocking[:12])
+                more = f" (and {len(blocking) - 12} more)" if len(blocking) > 12 else ""
+                raise RunDirError(f"{out_dir} holds a run of another configuration ({shown}{more}): resuming or "
+                                  "reusing it would mix the two. Train into a new --out, or delete the directory "
+                                  "to start over.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise RunDirError(f"{out_dir}: cannot be a run directory: {exc}") from exc
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def fit_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
             epochs: int | None = None, data_root: str | Path = "data",
             on_epoch: Callable[[int, dict], None] | None = None,
@@ -113,11 +187,12 @@ def fit_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_
     train_cfg, eval_cfg, mcfg = resolve(params, model, variant, epochs)
     data = data if data is not None else load_split(dataset, data_root)
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from cdsr.track.tracking import data_version
+
     config = {"dataset": dataset, "model": model, "variant": variant, "seed": seed, "data_root": str(data_root),
-              "train": dataclasses.asdict(train_cfg), "evaluate": dataclasses.asdict(eval_cfg),
-              "model_config": dataclasses.asdict(mcfg)}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+              "data_version": data_version(dataset, data_root), "train": dataclasses.asdict(train_cfg),
+              "evaluate": dataclasses.asdict(eval_cfg), "model_config": dataclasses.asdict(mcfg)}
+    prepare_run_dir(out_dir, config)
     fits, history, n_params = {}, {}, 0
     for name, view in _parts(data, variant):
         sub = out_dir if name is None else out_dir / f"domain-{name}"
