@@ -23,7 +23,7 @@ from cdsr.data.loaders import TrainDataset
 from cdsr.evaluate.protocols import EvalConfig, rank_targets
 from cdsr.models.base import Vocab
 from cdsr.models.registry import MODELS, build_model, model_config
-from cdsr.train.loop import TrainConfig, pick_device, select_strategy, to_device
+from cdsr.train.loop import TrainConfig, amp_dtype, pick_device, select_strategy, to_device
 from cdsr.train.run import apply_overrides, load_split
 
 
@@ -51,6 +51,10 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         cfg = from_dict(TrainConfig, params.get("train"), "train")
         strategy = select_strategy(model, cfg)  # e.g. AutoCDSR's Pareto step: timed as it trains
+        amp = amp_dtype(device) if cfg.amp else None  # the training loop's precision
+
+        def autocast(amp=amp):
+            return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         model.train()
         order = torch.randperm(len(ds)).tolist()
         times = []
@@ -58,7 +62,7 @@ def main() -> None:
             idx = order[(k * args.batch_size) % len(ds):][: args.batch_size]
             t = time.perf_counter()
             batch = to_device(ds[idx], device)
-            strategy.step(model, batch, opt, cfg, contextlib.nullcontext)
+            strategy.step(model, batch, opt, cfg, autocast)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if k:  # the first step warms up allocators and kernels

@@ -48,6 +48,21 @@ class Fake(nn.Module):
         return self.fn(batch, candidates).float()
 
 
+class DotFake(Fake):
+    """The same scores as a product (``SeqRecModel.score_parts``): q = the fake's score row over
+    every item, table = the identity, so full protocols take the per-domain block path."""
+
+    def score_parts(self, batch):
+        assert not self.training and not torch.is_grad_enabled()
+        b = batch["items"].shape[0]
+        self.batch_sizes.append(b)
+        q = self.fn(batch, torch.arange(self.n_items + 1).expand(b, -1)).float()
+        return q, torch.eye(self.n_items + 1), None
+
+
+MODELS = [Fake, DotFake]
+
+
 def oracle(batch, c):  # reads the target: only a test may do this
     return (c == batch["target"][:, None]).float()
 
@@ -109,9 +124,10 @@ def test_oracle_is_always_first(data, exclude_history):
             assert s["overall"]["AUC"] == 1.0
 
 
-def test_constant_model_gets_the_worst_rank(data):
+@pytest.mark.parametrize("kind", MODELS)
+def test_constant_model_gets_the_worst_rank(data, kind):
     cfg = EvalConfig(protocols=list(ALL), batch_size=50)
-    model = Fake(data.n_items, constant)
+    model = kind(data.n_items, constant)
     for name in ALL:
         res = rank_targets(model, data, "test", name, cfg)
         assert torch.equal(res.ranks, res.n_candidates)
@@ -122,12 +138,15 @@ def test_constant_model_gets_the_worst_rank(data):
     assert s["overall"]["AUC"] == 0.0 and s["overall"]["HR@10"] == 0.0
 
 
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("protocol", ALL)
 @pytest.mark.parametrize("exclude_history", [False, True])
-def test_ranks_match_a_slow_reference(data, protocol, exclude_history):
+def test_ranks_match_a_slow_reference(data, protocol, exclude_history, kind, monkeypatch):
     # a short window: exclusion must use the whole history, not what the model sees
     cfg = EvalConfig(protocols=[protocol], exclude_history=exclude_history, batch_size=37, max_len=4)
-    res = rank_targets(Fake(data.n_items, by_item_id), data, "test", protocol, cfg)
+    if kind is DotFake:  # small score blocks: a domain's rows are ranked in several products
+        monkeypatch.setattr(P, "MAX_SCORE_CELLS", 5 * (data.n_items + 1))
+    res = rank_targets(kind(data.n_items, by_item_id), data, "test", protocol, cfg)
     ranks, n_cand = _reference(data, protocol, exclude_history and not PROTOCOLS[protocol].sampled)
     assert res.protocol == protocol
     assert res.ranks.tolist() == ranks
@@ -142,8 +161,9 @@ def test_ranks_match_a_slow_reference(data, protocol, exclude_history):
         assert set(n_cand) == {101}
 
 
-def test_exclude_history_removes_history_items(data):
-    model = Fake(data.n_items, history_first)
+@pytest.mark.parametrize("kind", MODELS)
+def test_exclude_history_removes_history_items(data, kind):
+    model = kind(data.n_items, history_first)
     seen = rank_targets(model, data, "test", "full", EvalConfig(batch_size=64))
     assert float((seen.ranks == 1).double().mean()) < 0.9
     # without exclusion the window's distinct items of the target domain (other than the target) outrank it
@@ -228,8 +248,9 @@ def test_a_too_small_stored_draw_is_refused(data):
         rank_targets(Fake(data.n_items, oracle), dataclasses.replace(data, negatives=short), "test", "sampled-100", EvalConfig())
 
 
-def test_nan_model_gets_the_worst_rank(data):
-    model = Fake(data.n_items, lambda b, c: torch.full(c.shape, float("nan")))
+@pytest.mark.parametrize("kind", MODELS)
+def test_nan_model_gets_the_worst_rank(data, kind):
+    model = kind(data.n_items, lambda b, c: torch.full(c.shape, float("nan")))
     for name in ("full", "sampled-999"):
         res = rank_targets(model, data, "test", name, EvalConfig())
         assert torch.equal(res.ranks, res.n_candidates)
@@ -242,3 +263,29 @@ def test_bad_score_shape_is_reported(data):
 
     with pytest.raises(ValueError, match="returned"):
         rank_targets(Bad(data.n_items, None), data, "test", "full", EvalConfig())
+
+
+def test_real_models_rank_the_same_through_score_parts(data):
+    """The per-domain block path over ``score_parts`` gives the ranks of ``score`` over every item."""
+    from cdsr.models.base import Vocab
+    from cdsr.models.registry import build_model, model_config
+
+    class ScoreOnly(nn.Module):  # hides score_parts: the [B, n_items + 1] path
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def score(self, batch, candidates=None):
+            return self.net.score(batch, candidates)
+
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    for name in ("sasrec", "bert4rec", "hstu", "gca", "dpg"):
+        torch.manual_seed(0)
+        net = build_model(name, model_config(name, {"d": 16, "layers": 1, "heads": 1, "max_len": 20}, "merged"), vocab)
+        for proto in ("full", "full-all"):
+            for excl in (False, True):
+                cfg = EvalConfig(protocols=[proto], exclude_history=excl, max_len=20, batch_size=64)
+                a = rank_targets(net, data, "test", proto, cfg)
+                b = rank_targets(ScoreOnly(net), data, "test", proto, cfg)
+                assert torch.equal(a.ranks, b.ranks), (name, proto, excl)
+                assert torch.equal(a.n_candidates, b.n_candidates), (name, proto, excl)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cdsr.data.loaders import EvalDataset, SplitData
 from cdsr.evaluate.metrics import KS, metrics_from_ranks, ranks_full, ranks_sampled
+from cdsr.models.base import SeqRecModel
 
 # Upper bound on the cells of one [B, n_items + 1] score matrix (2^26 float32 = 256 MiB, plus
 # two bool masks of the same shape): the full protocols shrink the batch for huge catalogues.
@@ -155,6 +156,14 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
         hi_of = torch.as_tensor(data.domain_ranges[:, 1], device=device)
         ids = torch.arange(v1, device=device)[None, :]
 
+    # a dot-product scorer (one that implements SeqRecModel.score_parts) is ranked per target
+    # domain in bounded blocks (_rank_by_domain), so its encoder takes whole batches
+    parts_fn = getattr(model, "score_parts", None)
+    if getattr(type(model), "score_parts", None) is SeqRecModel.score_parts:
+        parts_fn = None
+    if not proto.sampled and parts_fn is not None:
+        bs = cfg.batch_size
+
     was_training = model.training
     model.eval()
     out: dict[str, list[Tensor]] = {k: [] for k in ("ranks", "n_candidates", "domain", "hist_len", "user_idx")}
@@ -173,6 +182,10 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
                                          f"candidates {tuple(cands.shape)}")
                     ranks = ranks_sampled(scores, batch["n_negatives"])
                     n_cand = 1 + batch["n_negatives"]
+                elif (parts := parts_fn(batch) if parts_fn is not None else None) is not None:
+                    hist = _history_pairs(data, ds.user[idx], ds.pos[idx]) if cfg.exclude_history else None
+                    ranks, n_cand = _rank_by_domain(*parts, target, tdom, data.domain_ranges, proto.all_domains,
+                                                    data.n_items, hist)
                 else:
                     scores = model.score(batch, None)
                     if tuple(scores.shape) != (b, v1):
@@ -199,6 +212,59 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
     finally:
         model.train(was_training)
     return RankResult(**{k: torch.cat(v).long() for k, v in out.items()}, protocol=protocol)
+
+
+def _rank_by_domain(q: Tensor, table: Tensor, bias: Tensor | None, target: Tensor, tdom: Tensor,
+                    ranges: np.ndarray, all_domains: bool, n_items: int,
+                    hist: tuple[np.ndarray, np.ndarray] | None) -> tuple[Tensor, Tensor]:
+    """Full-protocol ranks from a dot-product scorer's parts (``SeqRecModel.score_parts``),
+    each row scored against its candidates only: its target domain's items (all items for
+    ``full-all``), in blocks of at most ``MAX_SCORE_CELLS`` scores, so memory is bounded for any
+    catalogue and no [B, n_items + 1] matrix or mask is built.
+
+    Same values and rules as ``ranks_full`` over ``score``: one block's scores come from one
+    product, the target's score is read from it, rank = #(candidates scoring >= the target),
+    the target counting itself (pessimistic ties); a NaN target score ranks last. ``hist``
+    (exclude_history): (row, item) pairs of the rows' histories, whose items leave the
+    candidates unless they are the row's target.
+    """
+    B = len(target)
+    ranks = torch.empty(B, dtype=torch.long, device=q.device)
+    n_cand = torch.empty(B, dtype=torch.long, device=q.device)
+    groups = [(torch.arange(B, device=q.device), 1, n_items)] if all_domains else [
+        ((tdom == d).nonzero()[:, 0], int(lo), int(hi)) for d, (lo, hi) in enumerate(ranges)]
+    if hist is not None:
+        rows_h, items_h = (torch.from_numpy(a).to(q.device) for a in hist)
+        keep = items_h != target[rows_h]
+        rows_h, items_h = rows_h[keep], items_h[keep]
+        key = torch.unique(rows_h * (n_items + 1) + items_h)  # each (row, item) once
+        rows_h, items_h = key // (n_items + 1), key % (n_items + 1)
+    for rows, lo, hi in groups:
+        if len(rows) == 0:
+            continue
+        V = hi - lo + 1
+        step = max(1, MAX_SCORE_CELLS // V)
+        for a in range(0, len(rows), step):
+            r = rows[a:a + step]
+            S = q[r] @ table[lo:hi + 1].T
+            if bias is not None:
+                S += bias[lo:hi + 1]
+            t = S.gather(1, (target[r] - lo)[:, None])
+            count = torch.ge(S, t).sum(1, dtype=torch.int32).long()
+            n = torch.full((len(r),), V, dtype=torch.long, device=q.device)
+            if hist is not None:
+                # the history items of these rows inside the block leave the candidates
+                local = torch.full((B,), -1, dtype=torch.long, device=q.device)
+                local[r] = torch.arange(len(r), device=q.device)
+                sel = (local[rows_h] >= 0) & (items_h >= lo) & (items_h <= hi)
+                hr, hi_ = local[rows_h[sel]], items_h[sel] - lo
+                beats = (S[hr, hi_] >= t[hr, 0]).long()
+                count -= torch.zeros(len(r), dtype=torch.long, device=q.device).index_add_(0, hr, beats)
+                n -= torch.bincount(hr, minlength=len(r))
+            nan = torch.isnan(t[:, 0])
+            ranks[r] = torch.where(nan, n, count)
+            n_cand[r] = n
+    return ranks, n_cand
 
 
 def bucket_labels(edges: tuple[int, ...]) -> list[str]:

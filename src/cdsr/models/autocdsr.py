@@ -170,10 +170,10 @@ class AutoCDSRSASRec(_AutoCDSR, SASRec):
         super().__init__(cfg, vocab)
         self._init_autocdsr()
 
-    def encode(self, batch: dict[str, torch.Tensor], need_probs: bool = False):
+    def encode(self, batch: dict[str, torch.Tensor], need_probs: bool = False, last_only: bool = False):
         if self.item_label is not None:
             batch = {**batch, "domains": self.input_domains(batch["items"], batch["domains"])}
-        return super().encode(batch, need_probs)
+        return super().encode(batch, need_probs, last_only)
 
     def _objectives(self, batch):
         h, probs = self.encode(batch, need_probs=True)
@@ -192,8 +192,9 @@ class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
         super().__init__(cfg, vocab)
         self._init_autocdsr()
 
-    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
-        return super().encode(items, self.input_domains(items, domains), mask, need_probs)
+    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False,
+               last_only: bool = False):
+        return super().encode(items, self.input_domains(items, domains), mask, need_probs, last_only)
 
     def _objectives(self, batch):
         items, domains, mask, labels = self.cloze(batch)
@@ -238,9 +239,11 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
         ib = x[:, : self.n_ib].reshape(B, D, self.n_ib // D, d).mean(1, keepdim=True).expand(B, D, -1, d)
         return torch.cat([ib.reshape(B, self.n_ib, d), x[:, self.n_ib:]], 1)
 
-    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False,
+               last_only: bool = False):
         """items/domains/mask [B, L'] -> (h [B, L', d] at the item positions, probs per layer
-        [B, h, T, T] over all T = D*K + L' tokens, IB tokens first)."""
+        [B, h, T, T] over all T = D*K + L' tokens, IB tokens first). ``last_only`` is accepted
+        and every position computed (the IB merge between blocks reads them all)."""
         B = items.shape[0]
         domains = self.input_domains(items, domains)
         x_items = self.embed(items, domains, mask)

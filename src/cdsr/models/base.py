@@ -5,7 +5,8 @@ A model is an ``nn.Module`` built from its config dataclass and the dataset's :c
 - ``loss(batch) -> dict[str, Tensor]`` with at least ``"loss"`` (a scalar to minimise) and any
   named auxiliary terms (logged separately);
 - ``score(batch, candidates=None) -> Tensor[B, C]``: scores for the next position of each
-  history. ``candidates`` is a ``[B, C]`` LongTensor of item ids (sampled protocols); ``None``
+  history (and, for dot-product scorers, ``score_parts(batch)``: the user vectors and the item
+  table those scores are products of). ``candidates`` is a ``[B, C]`` LongTensor of item ids (sampled protocols); ``None``
   means every item: the result is then ``[B, n_items + 1]`` (column = item id, column 0 is
   padding) and the evaluation keeps the columns of the target domain (or all, ``full-all``).
 - optional ``aux_objectives(batch) -> dict[str, Tensor]`` for strategies that need several
@@ -63,3 +64,10 @@ class SeqRecModel(nn.Module):
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def score_parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Optional, for dot-product scorers: ``(q [B, d], table [n_items + 1, d], bias
+        [n_items + 1] or None)`` with ``score(batch, None)[b, j] = q[b] . table[j] + bias[j]``
+        (j >= 1). It lets the full-ranking evaluation score each row against its target
+        domain's items only, in memory-bounded chunks. None: use ``score``."""
+        return None

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.layers import Encoder, attention_mask, domain_softmax_loss
+from cdsr.models.layers import Dropout, Encoder, attention_mask, domain_softmax_loss, dot_scores
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class BERT4Rec(SeqRecModel):
         self.out_bias = nn.Parameter(torch.zeros(vocab.n_items + 2))
         self.pos_emb = nn.Embedding(cfg.max_len + 1, cfg.d)
         self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg.d, cfg.layers, cfg.heads, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(cfg.d, cfg.d), nn.GELU(), nn.LayerNorm(cfg.d))
         nn.init.normal_(self.item_emb.weight, std=cfg.d ** -0.5)
@@ -63,9 +63,12 @@ class BERT4Rec(SeqRecModel):
             x = x + self.dom_emb(domains)
         return self.drop(x) * mask[..., None]
 
-    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
-        """items/domains/mask [B, L'] (L' <= max_len + 1) -> (h [B, L', d], probs). Bidirectional."""
-        h, probs = self.encoder(self.embed(items, domains, mask), attention_mask(mask, causal=False), need_probs)
+    def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False,
+               last_only: bool = False):
+        """items/domains/mask [B, L'] (L' <= max_len + 1) -> (h [B, L', d] (``last_only``: [B, 1, d]),
+        probs). Bidirectional."""
+        h, probs = self.encoder(self.embed(items, domains, mask), attention_mask(mask, causal=False), need_probs,
+                                last_only)
         return self.head(h), probs
 
     def cloze(self, batch: dict[str, torch.Tensor]):
@@ -95,11 +98,10 @@ class BERT4Rec(SeqRecModel):
         mask = torch.cat([batch["mask"], torch.ones(B, 1, dtype=torch.bool, device=batch["mask"].device)], 1)
         return items[:, -(self.cfg.max_len + 1):], domains[:, -(self.cfg.max_len + 1):], mask[:, -(self.cfg.max_len + 1):]
 
+    def score_parts(self, batch: dict[str, torch.Tensor]):
+        h, _ = self.encode(*self.inference_inputs(batch), last_only=True)
+        return h[:, -1], self.item_emb.weight[: self.mask_id], self.out_bias[: self.mask_id]
+
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
-        h, _ = self.encode(*self.inference_inputs(batch))
-        q = h[:, -1]
-        if candidates is None:
-            s = q @ self.item_emb.weight[: self.mask_id].T + self.out_bias[: self.mask_id]
-            s[:, 0] = float("-inf")
-            return s
-        return torch.einsum("bd,bcd->bc", q, self.item_emb(candidates)) + self.out_bias[candidates]
+        q, table, bias = self.score_parts(batch)
+        return dot_scores(q, table, candidates, bias)

@@ -67,6 +67,7 @@ from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.diffusion import alpha_bars, beta_schedule, q_sample, reverse
 from cdsr.models.gca import CrossAttention
 from cdsr.models.layers import (
+    Dropout,
     Encoder,
     attention_mask,
     domain_softmax_loss,
@@ -140,9 +141,9 @@ class Denoiser(nn.Module):
             if cfg.guidance == "cross_attention" else None
         self.ln_q = nn.ModuleList(nn.LayerNorm(d) for _ in range(n)) if self.ca is not None else None
         self.ln_f = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
-        self.ffn = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(4 * d, d))
+        self.ffn = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(4 * d, d))
                                  for _ in range(n))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
 
     def forward(self, x_t, t, tokens, g_t, g_o, g_d):
@@ -177,7 +178,7 @@ class DPGDiff(SeqRecModel):
         self.fuse = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, d))
         self.role = nn.Embedding(3, d)  # guidance token roles: target domain, other domain, fused
         self.denoiser = Denoiser(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
         self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
         self.register_buffer("dom_size", ranges[:, 1] - ranges[:, 0] + 1, persistent=False)
@@ -277,9 +278,12 @@ class DPGDiff(SeqRecModel):
             out = reverse(lambda x, tt: self.denoise(x, tt, guide), q_sample(x0, t, eps, self.abar), t_inf, self.abar)
         return (out, x0, guide[1], guide[2]) if parts else out
 
+    def score_parts(self, batch: dict[str, torch.Tensor]):
+        return self.represent(batch), self.item_emb.weight, None
+
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.represent(batch)
-        return dot_scores(q, self.item_emb.weight, candidates)
+        q, table, _ = self.score_parts(batch)
+        return dot_scores(q, table, candidates)
 
     @torch.no_grad()
     def guidance_stats(self, batch_iter) -> dict[str, float]:

@@ -65,6 +65,7 @@ from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.layers import (  # noqa: F401  (domain_streams, stream_slots: re-exported for tests)
+    Dropout,
     Encoder,
     attention_mask,
     domain_softmax_loss,
@@ -136,7 +137,7 @@ class GCA(nn.Module):
         self.ca = nn.ModuleList(CrossAttention(cfg.d, cfg.gca_heads or cfg.heads, cfg.dropout) for _ in range(n_domains))
         self.ln = nn.ModuleList(nn.LayerNorm(cfg.d) for _ in range(n_domains)) if cfg.gca_ln else None
         self.alpha = nn.Parameter(torch.full((n_domains, cfg.d if cfg.alpha == "channel" else 1), cfg.alpha_init))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def gate(self) -> torch.Tensor:
         """[D, 1 | d] g(alpha)."""
@@ -188,7 +189,7 @@ class DualStream(SeqRecModel):
         self.gca = nn.ModuleDict({str(k): GCA(cfg, D) for k in sorted(cfg.gca_layers)})
         self.empty = nn.Parameter(torch.randn(D, d) * 0.02)  # X_t before the window's first t-event
         self.combine = nn.Linear(2 * d, d) if cfg.combine == "concat" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -244,10 +245,13 @@ class DualStream(SeqRecModel):
         return {"loss": domain_softmax_loss(q, batch["targets"][valid], tdom[valid], self.item_emb.weight,
                                             self.vocab.domain_ranges)}
 
-    def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
+    def score_parts(self, batch: dict[str, torch.Tensor]):
         h_m, S = self.encode(batch)
-        q = self.represent(h_m[:, -1], S[:, -1], batch["target_domain"].to(h_m.device))
-        return dot_scores(q, self.item_emb.weight, candidates)
+        return self.represent(h_m[:, -1], S[:, -1], batch["target_domain"].to(h_m.device)), self.item_emb.weight, None
+
+    def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
+        q, table, _ = self.score_parts(batch)
+        return dot_scores(q, table, candidates)
 
     @torch.no_grad()
     def orthogonality(self, batch_iter) -> dict[str, float]:

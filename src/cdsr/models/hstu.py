@@ -34,7 +34,7 @@ from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.intra_attention import BiasFn, DensePlan, TiledPlan, dense_plan, intra_domain_mask
-from cdsr.models.layers import sample_domain_negatives
+from cdsr.models.layers import Dropout, dot_scores, sample_domain_negatives, sampled_softmax_loss
 
 N_TIME_BUCKETS = 128  # buckets 0..128 (129 weights), bucket = clamp(floor(ln(max(dt,1)) / 0.301))
 
@@ -104,7 +104,7 @@ class HSTULayer(nn.Module):
         self.h, self.dqk, self.dv = cfg.heads, cfg.d_qk, cfg.d_v
         self.uvqk = nn.Linear(cfg.d, 2 * cfg.heads * (cfg.d_v + cfg.d_qk))
         self.o = nn.Linear(cfg.heads * cfg.d_v, cfg.d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, plan: DensePlan | TiledPlan) -> torch.Tensor:
         """``plan``: the attention of this forward (dense, or block-sparse intra-domain)."""
@@ -125,7 +125,7 @@ class HSTU(SeqRecModel):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
         self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
         self.req_emb = nn.Embedding(vocab.n_domains, cfg.d)  # NOTE: requested-domain query embedding
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.rab = RelativeBias(cfg.max_len, cfg.rel_pos_bias, cfg.time_bias)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.layers))
         self.out_ln = nn.LayerNorm(cfg.d)
@@ -202,20 +202,17 @@ class HSTU(SeqRecModel):
         pos, dom = targets[keep], batch["target_domains"][keep]  # [P]
         q = self.query(h[keep], dom)  # [P, d]
         neg = sample_domain_negatives(dom, self.dom_lo, self.dom_size, self.cfg.n_negatives)  # [P, R]
-        pos_logit = (q * self.item_vectors(pos)).sum(-1, keepdim=True)  # [P, 1]
-        neg_logit = torch.bmm(self.item_vectors(neg), q.unsqueeze(-1)).squeeze(-1)  # [P, R]
-        neg_logit = neg_logit.masked_fill(neg == pos.unsqueeze(-1), float("-inf"))
-        logits = torch.cat([pos_logit, neg_logit], dim=-1) / self.cfg.temperature
-        zeros = torch.zeros(len(pos), dtype=torch.long, device=logits.device)
-        return {"loss": F.cross_entropy(logits, zeros)}
+        # cosine / temperature against [positive, R negatives]; only the gathered rows are normalised
+        return {"loss": sampled_softmax_loss(q, self.item_emb.weight, pos, neg, 1.0 / self.cfg.temperature,
+                                             normalize=True)}
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Cosine(query of the last position, item) / temperature: [B, n_items + 1] (column 0 =
         padding = -inf) or [B, C] for ``candidates`` (id 0 = padding = -inf)."""
+        q, table, _ = self.score_parts(batch)
+        return dot_scores(q, table, candidates)
+
+    def score_parts(self, batch: dict[str, torch.Tensor]):
+        """q / temperature and the normalised item table: their products are the cosine scores."""
         q = self.query(self.encode(batch)[:, -1], batch["target_domain"])  # [B, d]
-        if candidates is None:
-            s = q @ self.item_vectors().T / self.cfg.temperature
-            s[:, 0] = float("-inf")
-            return s
-        s = torch.einsum("bd,bcd->bc", q, self.item_vectors(candidates)) / self.cfg.temperature
-        return s.masked_fill(candidates == 0, float("-inf"))
+        return q / self.cfg.temperature, self.item_vectors(), None

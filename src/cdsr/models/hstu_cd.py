@@ -46,7 +46,7 @@ from torch import nn
 from cdsr.models.base import Vocab
 from cdsr.models.hstu import HSTU, HSTUConfig
 from cdsr.models.intra_attention import DensePlan, TiledPlan, dense_plan, intra_domain_mask, tiled_plan
-from cdsr.models.layers import last_state_index
+from cdsr.models.layers import Dropout, last_state_index
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class DomainState(nn.Module):
         self.o = nn.Linear(d, d)
         self.gate = nn.Linear(d, d) if gate else None
         self.empty = nn.Parameter(torch.randn(n_domains, d) * 0.02)  # S_d(i) before d's first event
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, domains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if self.D < 2:

@@ -24,6 +24,49 @@ def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
     return allowed | torch.eye(L, dtype=torch.bool, device=valid.device)
 
 
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout whose mask comes from ``torch.rand`` (on the CPU about 3x faster than the
+    ``bernoulli_`` behind ``F.dropout``, the largest single cost of a small model's step there).
+    The mask, scaled by 1 / (1 - p), is kept in the input's dtype for the backward pass. It
+    draws from the global generator, so a seed (and a checkpoint's RNG state) fixes it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` with a faster mask (see :class:`_Dropout`); identity when not training or p = 0."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    return _Dropout.apply(x, p)
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with the faster mask of :func:`dropout`."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
@@ -33,17 +76,22 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
-        """x [B, L, d], mask [B, 1, L, L] -> (y [B, L, d], probs [B, h, L, L] or None)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+        """x [B, L, d], mask [B, 1, L, L] -> (y [B, L, d], probs [B, h, L, L] or None);
+        ``last_only``: the last position's query only (y [B, 1, d], probs [B, h, 1, L])."""
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
-        if not need_probs:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        if last_only:
+            q, mask, L = q[:, :, -1:], mask[:, :, -1:], 1
+        drop = self.training and self.p > 0
+        if not (need_probs or drop):  # the fused kernel; with dropout it falls back to a slower path on the CPU
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             probs = None
         else:
             s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dk)
-            probs = s.masked_fill(~mask, float("-inf")).softmax(-1)  # after softmax, before dropout
-            y = F.dropout(probs, self.p, self.training) @ v
+            p = s.masked_fill(~mask, float("-inf")).softmax(-1)  # after softmax, before dropout
+            probs = p if need_probs else None
+            y = dropout(p, self.p, self.training) @ v
         return self.out(y.transpose(1, 2).reshape(B, L, d)), probs
 
 
@@ -55,12 +103,14 @@ class Block(nn.Module):
         hidden = ffn_dim or ffn_mult * d
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = MultiHeadAttention(d, heads, dropout)
-        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d))
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
+        self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
-        a, probs = self.attn(self.ln1(x), mask, need_probs)
-        x = x + self.drop(a)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+        """``last_only``: the output of the last position only ([B, 1, d]); it still reads
+        every position as keys and values."""
+        a, probs = self.attn(self.ln1(x), mask, need_probs, last_only)
+        x = (x[:, -1:] if last_only else x) + self.drop(a)
         return x + self.drop(self.ffn(self.ln2(x))), probs
 
 
@@ -72,10 +122,13 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads, dropout, ffn_dim=ffn_dim) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+        """``last_only`` (scoring the next item): h [B, 1, d] of the last position, which the
+        last block computes alone (its other outputs feed nothing): about half the work of a
+        2-block encoder."""
         probs = []
-        for blk in self.blocks:
-            x, p = blk(x, mask, need_probs)
+        for k, blk in enumerate(self.blocks):
+            x, p = blk(x, mask, need_probs, last_only and k == len(self.blocks) - 1)
             probs.append(p)
         return self.ln(x), probs
 
@@ -90,25 +143,189 @@ def sample_domain_negatives(domains: torch.Tensor, lo: torch.Tensor, size: torch
     return lo_ + torch.minimum((u * size_).long(), size_ - 1)  # min: guards float rounding to 1
 
 
+# Cells of one chunk of logits in the fused cross-entropy: 2^21 (8 MiB in fp32) stays in the
+# caches of one CPU socket, so the [N, V] logits are never written to main memory (at d = 64
+# the logits GEMM is memory-bound: reading and writing them costs more than computing them).
+CE_CHUNK_CELLS = 1 << 21
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype matrix products run in: autocast's (bf16) where it is on, else float32."""
+    kind = device.type if device.type in ("cpu", "cuda") else "cpu"
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
+class _DomainSoftmaxCE(torch.autograd.Function):
+    """Sum over rows of cross-entropy(h_i @ W[lo_d : hi_d + 1]^T (+ b), t_i - lo_d) for each
+    row's target domain d, fused with its own gradient.
+
+    The rows of each domain are taken in chunks of ``CE_CHUNK_CELLS // V_d``; per chunk the
+    logits are computed, turned into log-probabilities (one fused pass), and, since the loss
+    is a leaf of the graph, at once into the gradient p - onehot, which is multiplied back into
+    dh (chunk x d) and accumulated into dW / db. The logits are never stored, so memory is
+    O(chunk x V_d) instead of O(N x V_d), and backward only scales the stored gradients by the
+    incoming scalar. Matrix products run in ``dtype``: float32 (exact log-softmax), or bf16
+    under autocast (softmax in bf16 as well; gradients accumulated in float32, as autocast does).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, target_domains, ranges, dtype, grads):
+        # ``grads``: grad mode where the loss was asked for (forward itself runs without it)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = grads and (need_h or need_w or need_b)
+        ctx.h_dtype = h.dtype
+        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if grads and need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads and need_w else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if grads and need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        order = torch.argsort(target_domains, stable=True)
+        counts = torch.bincount(target_domains, minlength=len(ranges)).tolist()
+        hx, wx = h.to(dtype), weight.to(dtype)
+        start = 0
+        for d, n_d in enumerate(counts):
+            if n_d == 0:
+                continue
+            lo, hi = ranges[d]
+            rows_d = order[start:start + n_d]
+            start += n_d
+            w_d = wx[lo:hi + 1]
+            chunk = max(1, CE_CHUNK_CELLS // (hi - lo + 1))
+            for a in range(0, n_d, chunk):
+                rows = rows_d[a:a + chunk]
+                x = hx[rows]
+                t = targets[rows] - lo
+                logits = x @ w_d.T
+                if bias is not None:
+                    logits = logits + bias[lo:hi + 1].to(dtype)
+                at = torch.arange(len(rows), device=h.device)
+                if dtype == torch.float32:
+                    logp = torch.log_softmax(logits, 1)
+                    total -= logp[at, t].sum()
+                    g = logp.exp_() if grads else None
+                else:
+                    # softmax straight into the reduced dtype: one pass, no float32 copy of the
+                    # chunk (converting it costs more than the products at this size); the loss
+                    # (for logging) is -log p_t, from the target's reduced-precision probability
+                    g = torch.softmax(logits, 1)
+                    total -= g[at, t].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+                if not grads:
+                    continue
+                g[at, t] -= 1.0
+                if dh is not None:
+                    dh[rows] = (g @ w_d).float()
+                if dw is not None:
+                    dw[lo:hi + 1] += (g.T @ x).float()
+                if db is not None:
+                    db[lo:hi + 1] += g.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(*(t for t in (dh, dw, db) if t is not None))
+        ctx.have = (dh is not None, dw is not None, db is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        dh, dw, db = (next(saved) if have else None for have in ctx.have)
+        scale = grad.float()
+        return (None if dh is None else (dh * scale).to(ctx.h_dtype), None if dw is None else dw * scale,
+                None if db is None else db * scale, None, None, None, None, None)
+
+
 def domain_softmax_loss(h: torch.Tensor, targets: torch.Tensor, target_domains: torch.Tensor,
                         item_emb: torch.Tensor, domain_ranges: tuple[tuple[int, int], ...],
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Full softmax cross-entropy of each target against the items of its own domain.
 
-    h [N, d] query vectors, targets / target_domains [N]; item_emb [n_items + 1, d]. Domain d's
-    items are the contiguous slice [lo_d, hi_d], so each group of positions is scored against
-    its slice only (N x V_d instead of N x V). Mean over the N positions.
+    h [N, d] query vectors, targets / target_domains [N]; item_emb [n_items + 1, d] (and
+    ``bias`` [>= n_items + 1]). Domain d's items are the contiguous slice [lo_d, hi_d], so each
+    position is scored against its slice only (N x V_d instead of N x V), in cache-sized chunks
+    with the gradient fused in (:class:`_DomainSoftmaxCE`). Mean over the N positions.
     """
-    total = h.new_zeros(())
-    for d, (lo, hi) in enumerate(domain_ranges):
-        sel = target_domains == d
-        if not bool(sel.any()):
-            continue
-        logits = h[sel] @ item_emb[lo : hi + 1].T
-        if bias is not None:
-            logits = logits + bias[lo : hi + 1]
-        total = total + F.cross_entropy(logits, targets[sel] - lo, reduction="sum")
-    return total / max(int(targets.numel()), 1)
+    n = int(targets.numel())
+    if n == 0:
+        return (h.sum() + item_emb.sum() * 0) * 0.0  # keeps the graph connected
+    ranges = tuple((int(lo), int(hi)) for lo, hi in domain_ranges)
+    total = _DomainSoftmaxCE.apply(h, item_emb, bias, targets, target_domains, ranges, compute_dtype(h.device),
+                                   torch.is_grad_enabled())
+    return total / n
+
+
+class _SampledSoftmaxCE(torch.autograd.Function):
+    """Sum over rows of cross-entropy over [pos_i, neg_i1..neg_iR] of scale * q_i . T[id],
+    negatives equal to the row's positive masked out, fused with its gradient.
+
+    Per chunk of rows the candidates' table rows are gathered ([chunk, 1 + R, d], a few MiB),
+    scored with one batched product, turned into the gradient, and scattered back with
+    ``index_add_``; the [N, 1 + R, d] gather of the whole batch (1.4 GiB at N 5,600, R 256,
+    d 256), its dtype copies and its embedding backward are never made. Products in ``dtype``,
+    log-softmax and gradient accumulation in float32. ``normalize``: score the L2-normalised
+    rows (``F.normalize``, HSTU's cosine), normalising only the gathered rows.
+    """
+
+    @staticmethod
+    def forward(ctx, q, table, pos, neg, scale, dtype, grads, normalize):
+        need_q, need_t = ctx.needs_input_grad[:2]
+        grads = grads and (need_q or need_t)
+        ctx.q_dtype = q.dtype
+        N, d = q.shape
+        R = neg.shape[1]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if grads and need_q else None
+        dt = torch.zeros(table.shape, dtype=torch.float32, device=q.device) if grads and need_t else None
+        total = torch.zeros((), dtype=torch.float32, device=q.device)
+        qx = q.to(dtype)
+        tx = table.to(dtype)  # one copy per call: the gathers then move half the bytes in bf16
+        norms = table.norm(dim=-1).clamp_min(1e-12) if normalize else None  # F.normalize's eps
+        chunk = max(1, CE_CHUNK_CELLS // ((R + 1) * d))
+        for a in range(0, N, chunk):
+            ids = torch.cat([pos[a:a + chunk, None], neg[a:a + chunk]], 1)  # [c, 1 + R]
+            # index_select: several times faster than advanced indexing for row gathers on the CPU
+            E = tx.index_select(0, ids.reshape(-1)).view(*ids.shape, d)  # [c, 1 + R, d]
+            if normalize:
+                norm = norms[ids].unsqueeze(-1).to(dtype)
+                E = E / norm
+            v = E
+            x = qx[a:a + chunk]
+            logits = torch.bmm(E, x[:, :, None])[:, :, 0].float() * scale
+            logits[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :1], float("-inf"))
+            logp = torch.log_softmax(logits, 1)
+            total -= logp[:, 0].sum()
+            if not grads:
+                continue
+            g = logp.exp_()
+            g[:, 0] -= 1.0
+            g = (g * scale).to(dtype)
+            if dq is not None:
+                dq[a:a + chunk] = torch.bmm(g[:, None, :], E)[:, 0].float()
+            if dt is not None:
+                rows = (g[:, :, None] * x[:, None, :]).float()  # d loss / d (scored row)
+                if normalize:  # through v = e / |e|: (dv - v (v . dv)) / |e|
+                    vf = v.float()
+                    rows = (rows - vf * (vf * rows).sum(-1, keepdim=True)) / norm.float()
+                dt.index_add_(0, ids.reshape(-1), rows.reshape(-1, d))
+        ctx.save_for_backward(*(t for t in (dq, dt) if t is not None))
+        ctx.have = (dq is not None, dt is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        dq, dt = (next(saved) if have else None for have in ctx.have)
+        scale = grad.float()
+        return (None if dq is None else (dq * scale).to(ctx.q_dtype), None if dt is None else dt * scale,
+                None, None, None, None, None, None)
+
+
+def sampled_softmax_loss(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                         scale: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """Sampled softmax: each row ranks its positive ``pos`` [N] against its negatives ``neg``
+    [N, R] (ids into ``table`` [V, d]; a negative equal to the positive is masked), scores
+    ``scale * q . table[id]`` (``normalize``: of the L2-normalised rows); mean over the N rows
+    (:class:`_SampledSoftmaxCE`)."""
+    n = int(pos.numel())
+    if n == 0:
+        return (q.sum() + table.sum() * 0) * 0.0
+    total = _SampledSoftmaxCE.apply(q, table, pos, neg, float(scale), compute_dtype(q.device), torch.is_grad_enabled(),
+                                    normalize)
+    return total / n
 
 
 def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -178,12 +395,19 @@ def stream_states(xs: list[torch.Tensor], layout: list[tuple[torch.Tensor, torch
     return torch.where((at >= 0).unsqueeze(-1), S, empty)
 
 
-def dot_scores(q: torch.Tensor, item_emb: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-    """The model interface's scores from user vectors q [B, d] and the (tied) item table
-    [n_items + 1, d]: [B, n_items + 1] over every item (column 0, padding, is -inf) when
-    ``candidates`` is None, else [B, C] for the candidate ids [B, C]."""
+def dot_scores(q: torch.Tensor, item_emb: torch.Tensor, candidates: torch.Tensor | None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The model interface's scores from user vectors q [B, d], the (tied) item table
+    [n_items + 1, d] and an optional item bias [n_items + 1] (see ``SeqRecModel.score_parts``):
+    [B, n_items + 1] over every item (column 0, padding, is -inf) when ``candidates`` is None,
+    else [B, C] for the candidate ids [B, C] (id 0, padding, is -inf)."""
     if candidates is None:
         s = q @ item_emb.T
+        if bias is not None:
+            s = s + bias
         s[:, 0] = float("-inf")
         return s
-    return torch.einsum("bd,bcd->bc", q, item_emb[candidates])
+    s = torch.einsum("bd,bcd->bc", q, item_emb[candidates])
+    if bias is not None:
+        s = s + bias[candidates]
+    return s.masked_fill(candidates == 0, float("-inf"))

@@ -23,10 +23,13 @@ from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
 from cdsr.models.layers import (
+    Dropout,
     Encoder,
     attention_mask,
     domain_softmax_loss,
+    dot_scores,
     sample_domain_negatives,
+    sampled_softmax_loss,
 )
 
 
@@ -49,7 +52,7 @@ class SASRec(SeqRecModel):
         self.item_emb = nn.Embedding(vocab.n_items + 1, cfg.d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
         self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg.d, cfg.layers, cfg.heads, cfg.dropout)
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
         self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
@@ -58,8 +61,9 @@ class SASRec(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode(self, batch: dict[str, torch.Tensor], need_probs: bool = False):
-        """-> (h [B, L, d], attention probs per layer or Nones). Causal: h_i sees events <= i."""
+    def encode(self, batch: dict[str, torch.Tensor], need_probs: bool = False, last_only: bool = False):
+        """-> (h [B, L, d] (``last_only``: [B, 1, d], the last position), attention probs per
+        layer or Nones). Causal: h_i sees events <= i."""
         items, mask = batch["items"], batch["mask"]
         L = items.shape[1]
         if L > self.cfg.max_len:
@@ -68,7 +72,7 @@ class SASRec(SeqRecModel):
         if self.dom_emb is not None:
             x = x + self.dom_emb(batch["domains"])
         x = self.drop(x) * mask[..., None]
-        return self.encoder(x, attention_mask(mask, causal=True), need_probs)
+        return self.encoder(x, attention_mask(mask, causal=True), need_probs, last_only)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h, _ = self.encode(batch)
@@ -81,19 +85,17 @@ class SASRec(SeqRecModel):
             return domain_softmax_loss(q, tgt, tdom, self.item_emb.weight, self.vocab.domain_ranges)
         k = 1 if self.cfg.loss == "bce" else self.cfg.n_negatives
         neg = sample_domain_negatives(tdom, self.dom_lo, self.dom_size, k)
+        if self.cfg.loss == "sampled":  # a negative equal to the positive is masked
+            return sampled_softmax_loss(q, self.item_emb.weight, tgt, neg)
         pos_s = (q * self.item_emb(tgt)).sum(-1)
-        neg_s = torch.einsum("nd,nkd->nk", q, self.item_emb(neg))
-        if self.cfg.loss == "bce":
-            return F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
-                F.binary_cross_entropy_with_logits(neg_s[:, 0], torch.zeros_like(pos_s))
-        neg_s = neg_s.masked_fill(neg == tgt[:, None], float("-inf"))  # a negative equal to the positive
-        return F.cross_entropy(torch.cat([pos_s[:, None], neg_s], 1), torch.zeros_like(tgt))
+        neg_s = (q * self.item_emb(neg[:, 0])).sum(-1)
+        return F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
+            F.binary_cross_entropy_with_logits(neg_s, torch.zeros_like(pos_s))
+
+    def score_parts(self, batch: dict[str, torch.Tensor]):
+        h, _ = self.encode(batch, last_only=True)
+        return h[:, -1], self.item_emb.weight, None
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
-        h, _ = self.encode(batch)
-        q = h[:, -1]
-        if candidates is None:
-            s = q @ self.item_emb.weight.T
-            s[:, 0] = float("-inf")
-            return s
-        return torch.einsum("bd,bcd->bc", q, self.item_emb(candidates))
+        q, table, _ = self.score_parts(batch)
+        return dot_scores(q, table, candidates)

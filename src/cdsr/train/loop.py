@@ -5,7 +5,8 @@
   the RNG states; the batch order of epoch e is a pure function of (seed, e), so a run killed
   mid-epoch and resumed replays exactly the batches and random draws it would have made.
   ``best.pt`` holds the best model. Checkpoints load with ``weights_only=True``.
-- Gradient clipping, AMP (bf16 autocast) on CUDA, cuda / mps / cpu device selection.
+- Gradient clipping, AMP (bf16 autocast, float32 master weights) where the device computes bf16
+  natively (CUDA, CPUs with AVX-512), cuda / mps / cpu device selection.
 - A progress bar with loss and throughput.
 - A pluggable optimisation strategy: ``Strategy.step`` turns a batch into a parameter update
   (AutoCDSR's Pareto step plugs in here rather than copying the loop).
@@ -52,7 +53,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
     strategy: str = "standard"  # used unless the model names one (``model.train_strategy``)
     pareto: ParetoConfig = field(default_factory=ParetoConfig)  # the "pareto" strategy (AutoCDSR)
-    amp: bool = True  # bf16 autocast on CUDA only
+    amp: bool = True  # bf16 autocast where the device has native bf16 (see amp_dtype); False: float32
     device: str = "auto"
     progress: bool = True
 
@@ -65,6 +66,17 @@ def pick_device(name: str) -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where ``device`` computes it natively: CUDA with bf16 support, and CPUs whose oneDNN
+    has a bf16 path (AVX-512: BF16/AMX instructions, or AVX-512 emulation); None (float32)
+    elsewhere, e.g. AVX2-only CPUs, where bf16 would be slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -186,10 +198,10 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
     eval_cfg = eval_cfg or EvalConfig(protocols=[cfg.val_protocol])
     strategy = select_strategy(model, cfg, strategy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
+    amp = amp_dtype(device) if cfg.amp else None
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     ds = TrainDataset(data, eval_cfg.max_len)
     if len(ds) == 0:

@@ -1,0 +1,126 @@
+"""The fast paths of the shared layers against their plain PyTorch definitions: the fused
+cross-entropies (values and gradients, any chunking), the dropout mask, the last-position
+encoder, and the device precision choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cdsr.models.layers as L
+from cdsr.models.base import Vocab
+from cdsr.models.registry import build_model, model_config
+
+RANGES = ((1, 30), (31, 60), (61, 64))
+
+
+def _domain_ce_reference(h, tg, td, W, b):
+    total = 0
+    for d, (lo, hi) in enumerate(RANGES):
+        sel = td == d
+        logits = h[sel] @ W[lo:hi + 1].T + (0 if b is None else b[lo:hi + 1])
+        total = total + F.cross_entropy(logits, tg[sel] - lo, reduction="sum")
+    return total / len(tg)
+
+
+@pytest.mark.parametrize("cells", [1 << 21, 40, 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_domain_softmax_equals_cross_entropy(monkeypatch, cells, with_bias):
+    monkeypatch.setattr(L, "CE_CHUNK_CELLS", cells)  # one chunk, several, one row per chunk
+    torch.manual_seed(0)
+    h = torch.randn(53, 8, requires_grad=True)
+    W = torch.randn(66, 8, requires_grad=True)
+    b = torch.randn(66, requires_grad=True) if with_bias else None
+    td = torch.randint(0, 2, (53,))  # domain 2 has no row: skipped
+    tg = torch.where(td == 0, torch.randint(1, 31, (53,)), torch.randint(31, 61, (53,)))
+    params = [h, W] + ([b] if with_bias else [])
+    got = L.domain_softmax_loss(h, tg, td, W, RANGES, b)
+    want = _domain_ce_reference(h, tg, td, W, b)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    g_got = torch.autograd.grad(got * 2.5, params)  # backward scales the fused gradient
+    g_want = torch.autograd.grad(want * 2.5, params)
+    for a, e in zip(g_got, g_want):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient work, same value
+        assert torch.allclose(L.domain_softmax_loss(h, tg, td, W, RANGES, b), want, atol=1e-6)
+
+
+def test_fused_domain_softmax_under_bf16_autocast_stays_close():
+    torch.manual_seed(1)
+    h = torch.randn(200, 16, requires_grad=True)
+    W = (0.3 * torch.randn(66, 16)).requires_grad_()
+    td = torch.randint(0, 2, (200,))
+    tg = torch.where(td == 0, torch.randint(1, 31, (200,)), torch.randint(31, 61, (200,)))
+    want = _domain_ce_reference(h, tg, td, W, None)
+    gw = torch.autograd.grad(want, [h, W])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = L.domain_softmax_loss(h, tg, td, W, RANGES)
+    assert got.dtype == torch.float32 and abs(float(got.detach() - want.detach())) < 0.02 * float(want.detach())
+    gg = torch.autograd.grad(got, [h, W])
+    for a, e in zip(gg, gw):
+        assert gg[0].dtype == torch.float32
+        assert float((a - e).norm() / e.norm()) < 0.02
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("cells", [1 << 21, 50])
+def test_fused_sampled_softmax_equals_cross_entropy(monkeypatch, normalize, cells):
+    monkeypatch.setattr(L, "CE_CHUNK_CELLS", cells)
+    torch.manual_seed(2)
+    q = torch.randn(37, 8, requires_grad=True)
+    T = torch.randn(50, 8, requires_grad=True)
+    pos = torch.randint(1, 50, (37,))
+    neg = torch.randint(1, 50, (37, 6))
+    neg[0, :3] = pos[0]  # negatives equal to the positive are masked
+    f = (lambda e: F.normalize(e, dim=-1)) if normalize else (lambda e: e)
+    logits = torch.cat([(q * f(T[pos])).sum(-1, keepdim=True),
+                        torch.bmm(f(T[neg]), q[:, :, None])[:, :, 0].masked_fill(neg == pos[:, None], float("-inf"))], 1)
+    want = F.cross_entropy(logits * 3.0, torch.zeros(37, dtype=torch.long))
+    got = L.sampled_softmax_loss(q, T, pos, neg, 3.0, normalize=normalize)
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(got, [q, T]), torch.autograd.grad(want, [q, T])):
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_mask_is_seeded_unbiased_and_its_own_gradient():
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = L.dropout(x, 0.2, True)
+    torch.manual_seed(3)
+    assert torch.equal(L.dropout(x, 0.2, True), y)  # the global generator fixes the mask
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.8) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1.25))  # inverted: scaled by 1 / (1 - p)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, y.detach())  # the gradient passes where the input passed, scaled alike
+    assert L.dropout(x, 0.2, False) is x and L.dropout(x, 0.0, True) is x
+    m = L.Dropout(0.3).eval()
+    assert m(x) is x and "p=0.3" in repr(m)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "bert4rec", "autocdsr_sasrec", "autocdsr_plus"])
+def test_last_position_encoder_equals_the_full_one(name):
+    vocab = Vocab.from_ranges(torch.tensor([[1, 30], [31, 64]]).numpy(), ["a", "b"])
+    torch.manual_seed(4)
+    net = build_model(name, model_config(name, {"d": 16, "layers": 2, "heads": 2, "max_len": 12}, "merged"), vocab).eval()
+    items = torch.randint(1, 65, (5, 12))
+    items[1, :7] = 0
+    batch = {"items": items, "domains": (items > 30).long(), "mask": items > 0,
+             "timestamps": torch.arange(12).expand(5, -1), "target_domain": torch.tensor([0, 1, 0, 1, 1])}
+    with torch.no_grad():
+        q, table, bias = net.score_parts(batch)
+        full = net.score(batch, None)
+        if name in ("sasrec", "autocdsr_sasrec"):
+            h, _ = net.encode(batch)
+            assert torch.allclose(q, h[:, -1], atol=1e-5)
+    ref = q @ table.T + (0 if bias is None else bias)
+    assert torch.allclose(full[:, 1:], ref[:, 1:], atol=1e-5) and torch.isinf(full[:, 0]).all()
+
+
+def test_amp_dtype_follows_the_device():
+    from cdsr.train.loop import amp_dtype
+
+    cpu = amp_dtype(torch.device("cpu"))
+    assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
+    assert amp_dtype(torch.device("meta")) is None
