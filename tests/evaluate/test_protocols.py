@@ -144,8 +144,9 @@ def test_constant_model_gets_the_worst_rank(data, kind):
 def test_ranks_match_a_slow_reference(data, protocol, exclude_history, kind, monkeypatch):
     # a short window: exclusion must use the whole history, not what the model sees
     cfg = EvalConfig(protocols=[protocol], exclude_history=exclude_history, batch_size=37, max_len=4)
-    if kind is DotFake:  # small score blocks: a domain's rows are ranked in several products
-        monkeypatch.setattr(P, "MAX_SCORE_CELLS", 5 * (data.n_items + 1))
+    if kind is DotFake:  # small blocks: several row blocks, and every domain split into chunks (two passes)
+        monkeypatch.setattr(P, "ROW_BLOCK", 7)
+        monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 7 * 40)
     res = rank_targets(kind(data.n_items, by_item_id), data, "test", protocol, cfg)
     ranks, n_cand = _reference(data, protocol, exclude_history and not PROTOCOLS[protocol].sampled)
     assert res.protocol == protocol
@@ -265,7 +266,8 @@ def test_bad_score_shape_is_reported(data):
         rank_targets(Bad(data.n_items, None), data, "test", "full", EvalConfig())
 
 
-def test_real_models_rank_the_same_through_score_parts(data):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_real_models_rank_the_same_through_score_parts(data, chunked, monkeypatch):
     """The per-domain block path over ``score_parts`` gives the ranks of ``score`` over every item."""
     from cdsr.models.base import Vocab
     from cdsr.models.registry import build_model, model_config
@@ -278,6 +280,8 @@ def test_real_models_rank_the_same_through_score_parts(data):
         def score(self, batch, candidates=None):
             return self.net.score(batch, candidates)
 
+    if chunked:  # items in chunks of 50: the two-pass path on every domain
+        monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 64 * 50)
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     for name in ("sasrec", "bert4rec", "hstu", "gca", "dpg"):
         torch.manual_seed(0)

@@ -214,55 +214,77 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
     return RankResult(**{k: torch.cat(v).long() for k, v in out.items()}, protocol=protocol)
 
 
+# Scores per product in the per-domain ranking: 2^21 (8 MiB) stays in the caches, where a
+# [rows, V_d] block of a 700k-item domain would stream through main memory twice.
+SCORE_CHUNK_CELLS = 1 << 21
+ROW_BLOCK = 512
+
+
 def _rank_by_domain(q: Tensor, table: Tensor, bias: Tensor | None, target: Tensor, tdom: Tensor,
                     ranges: np.ndarray, all_domains: bool, n_items: int,
                     hist: tuple[np.ndarray, np.ndarray] | None) -> tuple[Tensor, Tensor]:
     """Full-protocol ranks from a dot-product scorer's parts (``SeqRecModel.score_parts``),
     each row scored against its candidates only: its target domain's items (all items for
-    ``full-all``), in blocks of at most ``MAX_SCORE_CELLS`` scores, so memory is bounded for any
-    catalogue and no [B, n_items + 1] matrix or mask is built.
+    ``full-all``), never a [B, n_items + 1] matrix or mask.
 
-    Same values and rules as ``ranks_full`` over ``score``: one block's scores come from one
-    product, the target's score is read from it, rank = #(candidates scoring >= the target),
-    the target counting itself (pessimistic ties); a NaN target score ranks last. ``hist``
-    (exclude_history): (row, item) pairs of the rows' histories, whose items leave the
-    candidates unless they are the row's target.
+    Rows of a domain are taken ``ROW_BLOCK`` at a time and its items in chunks of
+    ``SCORE_CHUNK_CELLS`` scores, so memory is bounded for any catalogue. A domain wider than
+    one chunk is scored twice: a first pass reads each row's target score from the chunk that
+    holds it, a second counts the candidates scoring at least that; both passes compute every
+    chunk with the same product (same shapes, same inputs), so the target is compared with the
+    very values the counting sees. Rules as ``ranks_full``: rank = #(candidates scoring >= the
+    target), the target counting itself (pessimistic ties); a NaN target score ranks last.
+    ``hist`` (exclude_history): (row, item) pairs of the rows' histories, whose items leave
+    the candidates unless they are the row's target.
     """
     B = len(target)
-    ranks = torch.empty(B, dtype=torch.long, device=q.device)
-    n_cand = torch.empty(B, dtype=torch.long, device=q.device)
-    groups = [(torch.arange(B, device=q.device), 1, n_items)] if all_domains else [
+    dev = q.device
+    ranks = torch.empty(B, dtype=torch.long, device=dev)
+    n_cand = torch.empty(B, dtype=torch.long, device=dev)
+    groups = [(torch.arange(B, device=dev), 1, n_items)] if all_domains else [
         ((tdom == d).nonzero()[:, 0], int(lo), int(hi)) for d, (lo, hi) in enumerate(ranges)]
     if hist is not None:
-        rows_h, items_h = (torch.from_numpy(a).to(q.device) for a in hist)
+        rows_h, items_h = (torch.from_numpy(a).to(dev) for a in hist)
         keep = items_h != target[rows_h]
-        rows_h, items_h = rows_h[keep], items_h[keep]
-        key = torch.unique(rows_h * (n_items + 1) + items_h)  # each (row, item) once
+        key = torch.unique(rows_h[keep] * (n_items + 1) + items_h[keep])  # each (row, item) once
         rows_h, items_h = key // (n_items + 1), key % (n_items + 1)
     for rows, lo, hi in groups:
-        if len(rows) == 0:
-            continue
         V = hi - lo + 1
-        step = max(1, MAX_SCORE_CELLS // V)
-        for a in range(0, len(rows), step):
-            r = rows[a:a + step]
-            S = q[r] @ table[lo:hi + 1].T
-            if bias is not None:
-                S += bias[lo:hi + 1]
-            t = S.gather(1, (target[r] - lo)[:, None])
-            count = torch.ge(S, t).sum(1, dtype=torch.int32).long()
-            n = torch.full((len(r),), V, dtype=torch.long, device=q.device)
+        for b0 in range(0, len(rows), ROW_BLOCK):
+            r = rows[b0:b0 + ROW_BLOCK]
+            n_r = len(r)
+            qr, tr = q[r], target[r] - lo
+            step = max(1, SCORE_CHUNK_CELLS // n_r)
+            starts = list(range(0, V, step))
+
+            def scores(a: int) -> Tensor:
+                S = qr @ table[lo + a: lo + min(a + step, V)].T
+                return S + bias[lo + a: lo + a + S.shape[1]] if bias is not None else S
+
+            t = torch.empty(n_r, 1, dtype=q.dtype, device=dev)
+            first = None
+            for a in starts:  # pass 1: each row's target score, from the chunk holding it
+                S = scores(a)
+                here = (tr >= a) & (tr < a + S.shape[1])
+                t[here] = S[here].gather(1, (tr[here] - a)[:, None])
+                first = S if len(starts) == 1 else None
             if hist is not None:
-                # the history items of these rows inside the block leave the candidates
-                local = torch.full((B,), -1, dtype=torch.long, device=q.device)
-                local[r] = torch.arange(len(r), device=q.device)
+                local = torch.full((B,), -1, dtype=torch.long, device=dev)
+                local[r] = torch.arange(n_r, device=dev)
                 sel = (local[rows_h] >= 0) & (items_h >= lo) & (items_h <= hi)
-                hr, hi_ = local[rows_h[sel]], items_h[sel] - lo
-                beats = (S[hr, hi_] >= t[hr, 0]).long()
-                count -= torch.zeros(len(r), dtype=torch.long, device=q.device).index_add_(0, hr, beats)
-                n -= torch.bincount(hr, minlength=len(r))
-            nan = torch.isnan(t[:, 0])
-            ranks[r] = torch.where(nan, n, count)
+                hr, hc = local[rows_h[sel]], items_h[sel] - lo
+            count = torch.zeros(n_r, dtype=torch.long, device=dev)
+            n = torch.full((n_r,), V, dtype=torch.long, device=dev)
+            for a in starts:  # pass 2: candidates scoring >= the target
+                S = first if first is not None else scores(a)
+                count += torch.ge(S, t).sum(1, dtype=torch.int32)
+                if hist is not None:  # history items in this chunk leave the candidates
+                    inc = (hc >= a) & (hc < a + S.shape[1])
+                    beats = (S[hr[inc], hc[inc] - a] >= t[hr[inc], 0]).long()
+                    count -= torch.zeros(n_r, dtype=torch.long, device=dev).index_add_(0, hr[inc], beats)
+            if hist is not None:
+                n -= torch.bincount(hr, minlength=n_r)
+            ranks[r] = torch.where(torch.isnan(t[:, 0]), n, count)
             n_cand[r] = n
     return ranks, n_cand
 
