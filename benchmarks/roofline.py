@@ -9,7 +9,8 @@ For each (model, setting), in a subprocess of its own (so that its peak memory i
 
 - the FLOPs of one real epoch, forward and backward (matrix products and attention, as
   ``torch.utils.flop_counter.FlopCounterMode`` counts them: every GEMM of the encoder, the
-  attention and the loss logits; element-wise work and embedding gathers are not FLOPs here),
+  attention and the loss logits, the sampled softmax's sparse table gradient as 2 x nnz x d;
+  element-wise work and embedding gathers are not FLOPs here),
   counted over a whole first epoch, which also warms up;
 - a second whole epoch, timed, split into data (batch building), forward, loss, backward and
   optimiser (the loss is the time inside the models' loss functions; the fused full-softmax
@@ -97,6 +98,28 @@ def setting_overrides(model: str, setting: str) -> list[str]:
     if "n_negatives" in fields:
         out.append("model.n_negatives=256")
     return out
+
+
+def sparse_aware_flop_counter():
+    """``FlopCounterMode`` that counts a sparse x dense product (the sampled softmax's table
+    gradient, a CSR SpMM) as 2 * nnz * n FLOPs; by shape alone it would count it as dense."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def mm(a, b, *_, out_val=None, **__):
+        if a.layout != torch.strided:
+            return 2 * int(a._nnz()) * b.shape[-1]
+        return fc.mm_flop(a.shape, b.shape)
+
+    def addmm(c, a, b, *_, out_val=None, **__):
+        if a.layout != torch.strided:
+            return 2 * int(a._nnz()) * b.shape[-1]
+        return fc.addmm_flop(c.shape, a.shape, b.shape)
+
+    mm._get_raw = addmm._get_raw = True
+    return fc.FlopCounterMode(display=False, custom_mapping={aten.mm: mm, aten.addmm: addmm})
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -194,9 +217,7 @@ def child(args: argparse.Namespace) -> dict:
             steps += 1
         return steps
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = sparse_aware_flop_counter()
     with counter:
         epoch(0, None)
     flops = counter.get_total_flops()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import time
 
 import torch
@@ -75,6 +76,8 @@ def main() -> None:
         res = rank_targets(model, data, "test", "full", EvalConfig(protocols=["full"]), device)
         ev = time.perf_counter() - t
         print(f"{name:10s} {seq_s:12.0f} {len(ds) / seq_s:8.1f} {len(res.ranks) / ev:13.0f} {ev:7.1f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (max RSS of this process, data included): {peak:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def _domain_ce_reference(h, tg, td, W, b):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_domain_softmax_equals_cross_entropy(monkeypatch, cells, with_bias):
     monkeypatch.setattr(L, "CE_CHUNK_CELLS", cells)  # one chunk, several, one row per chunk
+    monkeypatch.setattr(L, "CE_MIN_ROWS", 1)
     torch.manual_seed(0)
     h = torch.randn(53, 8, requires_grad=True)
     W = torch.randn(66, 8, requires_grad=True)

@@ -5,6 +5,7 @@ attention mass, computed inside the forward pass)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,10 @@ def sample_domain_negatives(domains: torch.Tensor, lo: torch.Tensor, size: torch
 # caches of one CPU socket, so the [N, V] logits are never written to main memory (at d = 64
 # the logits GEMM is memory-bound: reading and writing them costs more than computing them).
 CE_CHUNK_CELLS = 1 << 21
+# ... but at least this many rows per chunk: each chunk reads the domain's whole item table, so
+# for a huge domain (KuaiRand: 738k items) a cache-sized chunk of a few rows would stream the
+# table from memory thousands of times per step; 64 rows amortise it against the logits.
+CE_MIN_ROWS = 64
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -189,7 +194,7 @@ class _DomainSoftmaxCE(torch.autograd.Function):
             rows_d = order[start:start + n_d]
             start += n_d
             w_d = wx[lo:hi + 1]
-            chunk = max(1, CE_CHUNK_CELLS // (hi - lo + 1))
+            chunk = max(CE_MIN_ROWS, CE_CHUNK_CELLS // (hi - lo + 1))
             for a in range(0, n_d, chunk):
                 rows = rows_d[a:a + chunk]
                 x = hx[rows]
@@ -273,18 +278,30 @@ class _SampledSoftmaxCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=q.device)
         qx = q.to(dtype)
         tx = table.to(dtype)  # one copy per call: the gathers then move half the bytes in bf16
-        norms = table.norm(dim=-1).clamp_min(1e-12) if normalize else None  # F.normalize's eps
+        # float32 norms whatever autocast says (F.normalize's eps)
+        norms = torch.linalg.vector_norm(table.float(), dim=-1, dtype=torch.float32).clamp_min(1e-12) if normalize \
+            else None
         chunk = max(1, CE_CHUNK_CELLS // ((R + 1) * d))
+        # d loss / d table is a sparse product: dt = A^T x, A [N, V] holding each row's score
+        # gradients at its candidates' ids. Its values are kept per chunk and the product is one
+        # CSR SpMM after the loop: scattering [c, 1 + R, d] outer products row by row moves
+        # several times the bytes, and this loop is bound by memory traffic, not by FLOPs.
+        a_all = torch.empty((N, R + 1), dtype=torch.float32, device=q.device) if dt is not None else None
+        # normalize: the -(v . q) / |e|^2 e part of each row's gradient is a multiple of the
+        # table row itself, so its coefficients are summed per id and applied once at the end
+        coef = torch.zeros(table.shape[0], dtype=torch.float32, device=q.device) if normalize and dt is not None \
+            else None
         for a in range(0, N, chunk):
             ids = torch.cat([pos[a:a + chunk, None], neg[a:a + chunk]], 1)  # [c, 1 + R]
+            flat = ids.reshape(-1)
             # index_select: several times faster than advanced indexing for row gathers on the CPU
-            E = tx.index_select(0, ids.reshape(-1)).view(*ids.shape, d)  # [c, 1 + R, d]
-            if normalize:
-                norm = norms[ids].unsqueeze(-1).to(dtype)
-                E = E / norm
-            v = E
+            E = tx.index_select(0, flat).view(*ids.shape, d)  # [c, 1 + R, d]
             x = qx[a:a + chunk]
-            logits = torch.bmm(E, x[:, :, None])[:, :, 0].float() * scale
+            s = torch.bmm(E, x[:, :, None])[:, :, 0].float()  # e . q
+            if normalize:  # v . q = (e . q) / |e|: the rows are never divided, only the scores
+                inv = 1.0 / norms.index_select(0, flat).view(ids.shape)
+                s = s * inv
+            logits = s * scale
             logits[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :1], float("-inf"))
             logp = torch.log_softmax(logits, 1)
             total -= logp[:, 0].sum()
@@ -292,15 +309,29 @@ class _SampledSoftmaxCE(torch.autograd.Function):
                 continue
             g = logp.exp_()
             g[:, 0] -= 1.0
-            g = (g * scale).to(dtype)
-            if dq is not None:
-                dq[a:a + chunk] = torch.bmm(g[:, None, :], E)[:, 0].float()
-            if dt is not None:
-                rows = (g[:, :, None] * x[:, None, :]).float()  # d loss / d (scored row)
-                if normalize:  # through v = e / |e|: (dv - v (v . dv)) / |e|
-                    vf = v.float()
-                    rows = (rows - vf * (vf * rows).sum(-1, keepdim=True)) / norm.float()
-                dt.index_add_(0, ids.reshape(-1), rows.reshape(-1, d))
+            g = g * scale  # d loss / d (v . q)
+            # d (v . q) / d e = (q - (v . q) v) / |e| = q / |e| - (v . q) / |e|^2 e
+            a_q = g * inv if normalize else g
+            if dq is not None:  # d (v . q) / d q = v = e / |e|
+                dq[a:a + chunk] = torch.bmm(a_q.to(dtype)[:, None, :], E)[:, 0].float()
+            if a_all is not None:
+                a_all[a:a + chunk] = a_q
+                if coef is not None:
+                    coef.index_add_(0, flat, (g * s * inv * inv).reshape(-1))
+        if a_all is not None:
+            ids = torch.cat([pos[:, None], neg], 1).reshape(-1)
+            order = torch.argsort(ids, stable=True)  # stable: the same sums in the same order
+            crow = torch.zeros(table.shape[0] + 1, dtype=torch.int64, device=q.device)
+            crow[1:] = torch.bincount(ids, minlength=table.shape[0]).cumsum(0)
+            cols = torch.div(order, R + 1, rounding_mode="floor")  # the row of each candidate
+            with warnings.catch_warnings():  # "CSR support is in beta": SpMM is all we use of it
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                At = torch.sparse_csr_tensor(crow, cols, a_all.reshape(-1)[order], (table.shape[0], N),
+                                             check_invariants=False)
+            with torch.autocast(q.device.type if q.device.type in ("cpu", "cuda") else "cpu", enabled=False):
+                dt += At @ q.detach().to(dtype).float()  # sparse products are float32-only
+            if coef is not None:
+                dt -= coef[:, None] * table.detach().float()
         ctx.save_for_backward(*(t for t in (dq, dt) if t is not None))
         ctx.have = (dq is not None, dt is not None)
         return total
@@ -345,7 +376,7 @@ def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor
 
 def last_state_index(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> torch.Tensor:
     """[B, L, D]: index of the last valid position <= i of domain d (-1 if none). Running max."""
-    B, L = domains.shape
+    _, L = domains.shape
     pos = torch.arange(L, device=domains.device)
     hit = (domains.unsqueeze(-1) == torch.arange(n_domains, device=domains.device)) & valid.unsqueeze(-1)
     return torch.where(hit, pos[None, :, None], torch.full_like(pos, -1)[None, :, None]).cummax(dim=1).values
@@ -354,7 +385,7 @@ def last_state_index(domains: torch.Tensor, valid: torch.Tensor, n_domains: int)
 def domain_streams(domains: torch.Tensor, valid: torch.Tensor, n_domains: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per domain a: (order [B, L_a] merged positions of a's events in time order, right-aligned;
     valid [B, L_a]). Entries left of a row's a-events are other positions, marked invalid."""
-    B, L = domains.shape
+    _, L = domains.shape
     pos = torch.arange(L, device=domains.device)
     out = []
     for a in range(n_domains):
