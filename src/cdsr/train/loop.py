@@ -30,12 +30,59 @@ import torch
 from torch.utils.data import BatchSampler, RandomSampler
 from tqdm import tqdm
 
+from cdsr.config import ConfigError
 from cdsr.data.loaders import SplitData, TrainDataset
 from cdsr.evaluate.protocols import EvalConfig, rank_targets, summarise
 from cdsr.models.base import SeqRecModel
 from cdsr.train.pareto import ParetoConfig, ParetoStrategy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning rate over training: ``lr x warm-up x (cosine | plateau)``.
+
+    - ``warmup_epochs``: linear warm-up from lr / steps to lr over this many epochs of steps
+      (ABXI's recipe: 1); 0: none.
+    - ``kind``: ``constant``; ``cosine`` (decay to ``min_lr_ratio`` x lr at the last epoch of
+      ``train.epochs``, after the warm-up); ``plateau`` (x ``factor`` after ``plateau_patience``
+      validations without an improvement of the selection metric, as torch's ReduceLROnPlateau
+      in "max" mode, down to ``min_lr_ratio`` x lr).
+    The rate is a pure function of the global step and the plateau state kept in the checkpoint,
+    so a resumed run follows the same schedule.
+    """
+
+    kind: str = "constant"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    factor: float = 0.5
+    plateau_patience: int = 5
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "cosine", "plateau"):
+            raise ConfigError(f"train.schedule.kind must be constant, cosine or plateau, not {self.kind!r}")
+        if not (self.warmup_epochs >= 0 and 0 <= self.min_lr_ratio <= 1 and 0 < self.factor < 1
+                and self.plateau_patience >= 1):
+            raise ConfigError("train.schedule: need warmup_epochs >= 0, 0 <= min_lr_ratio <= 1, 0 < factor < 1, "
+                             "plateau_patience >= 1")
+
+    @property
+    def trivial(self) -> bool:
+        return self.kind == "constant" and self.warmup_epochs == 0
+
+
+def lr_multiplier(cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int, plateau_scale: float = 1.0) -> float:
+    """The factor on the base rate for optimiser step ``step`` (0-based, global)."""
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if cfg.kind == "cosine":
+        total = max(epochs * steps_per_epoch - warm, 1)
+        progress = min(max(step - warm, 0) / total, 1.0)
+        f *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif cfg.kind == "plateau":
+        f *= max(plateau_scale, cfg.min_lr_ratio)
+    return f
 
 
 @dataclass(frozen=True)
@@ -53,6 +100,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
     strategy: str = "standard"  # used unless the model names one (``model.train_strategy``)
     pareto: ParetoConfig = field(default_factory=ParetoConfig)  # the "pareto" strategy (AutoCDSR)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # learning rate over training
     amp: bool = True  # bf16 autocast where the device has native bf16 (see amp_dtype); False: float32
     device: str = "auto"
     progress: bool = True
@@ -249,6 +297,11 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         bar = tqdm(order[state["step"]:], desc=f"epoch {epoch}", leave=False,
                    disable=not (cfg.progress and sys.stderr.isatty()))  # no \r spam in logs
         for idx in bar:
+            if not cfg.schedule.trivial:
+                lr = cfg.lr * lr_multiplier(cfg.schedule, global_step, len(order), cfg.epochs,
+                                            state.get("plateau_scale", 1.0))
+                for group in opt.param_groups:
+                    group["lr"] = lr
             batch = to_device(ds[idx], device)
             stats = strategy.step(model, batch, opt, cfg, autocast)
             state["step"] += 1
@@ -281,6 +334,16 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
                 _save(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "metric": metric})
             else:
                 state["bad_epochs"] += 1
+            if cfg.schedule.kind == "plateau":  # its own patience, counted in validations
+                if metric > state.get("plateau_best", -math.inf):
+                    state.update(plateau_best=metric, plateau_bad=0)
+                else:
+                    state["plateau_bad"] = state.get("plateau_bad", 0) + 1
+                    if state["plateau_bad"] >= cfg.schedule.plateau_patience:
+                        state.update(plateau_scale=state.get("plateau_scale", 1.0) * cfg.schedule.factor, plateau_bad=0)
+            if not cfg.schedule.trivial:  # the rate of the epoch's last step
+                record["lr"] = cfg.lr * lr_multiplier(cfg.schedule, max(global_step - 1, 0), len(order), cfg.epochs,
+                                                      state.get("plateau_scale", 1.0))
             stopped = state["bad_epochs"] >= cfg.patience
             log.info("epoch %d loss %.4f val %s %.4f (best %.4f @ %d)", epoch, record["loss"], cfg.val_metric,
                      metric, state["best_metric"], state["best_epoch"])
