@@ -1,0 +1,174 @@
+"""ABXI (Bian et al., "ABXI: Invariant Interest Adaptation for Task-Guided Cross-Domain
+Sequential Recommendation", WWW 2025), generalised from 2 to D domains.
+
+One shared encoder (a post-norm causal self-attention layer, then a shared SwiGLU FFN) reads
+the merged sequence and each domain's own subsequence; each of these 1 + D streams adds its
+own low-rank adapter to the FFN's residual (dLoRA, Sec. 3.2). For a target of domain t at
+merged position i the user representation is (Sec. 3.3)
+
+    r = LN_it(h^x_i + P_i(h^x_i) + iLoRA_t(h^x_i)) + LN_tt(h^t_j + P_t(h^t_j))
+
+with h^x the merged stream, h^t the domain-t stream at its last event j <= i (task-guided
+alignment: the domain the next item is requested in picks the stream), P_i the shared
+invariant projector and P_t domain t's projector (SwiGLU FFNs). Loss: InfoNCE of r . e_target
+/ temperature against ``n_negatives`` uniform items of *every* domain (ABXI draws its negatives
+from both domains whatever the target's domain), or the full softmax over the target's domain.
+
+NOTE (departures from the paper and its public code):
+- D domains: one dLoRA per stream, one iLoRA, projector and two LayerNorms per domain; with
+  D = 2 this is ABXI's layout.
+- Negatives are drawn uniformly from each domain's items; ABXI also excludes the user's
+  history items from its negatives. Negatives equal to the target are masked.
+- Where domain t has no event before i, h^t is zero (ABXI's zero-padded aligned slot).
+- Positions count from each stream's first event (ABXI's absolute position index).
+- The SwiGLU hidden size is ``ffn_dim`` (default round(8 d / 3), 683 at d 256, where the
+  public code fixes 680).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.layers import (
+    Dropout,
+    MultiHeadAttention,
+    attention_mask,
+    domain_softmax_loss,
+    domain_streams,
+    dot_scores,
+    sample_domain_negatives,
+    sampled_softmax_loss,
+    stream_states,
+    subsequence_positions,
+)
+
+
+@dataclass(frozen=True)
+class ABXIConfig:
+    d: int = 256
+    heads: int = 2
+    dropout: float = 0.5
+    max_len: int = 50
+    rank_domain: int = 8  # dLoRA rank (ABXI's rd)
+    rank_invariant: int = 8  # iLoRA rank (ABXI's ri)
+    ffn_dim: int = 0  # SwiGLU hidden size; 0: round(8 d / 3)
+    loss: Literal["sampled", "ce"] = "sampled"
+    n_negatives: int = 128  # per domain, for loss: sampled
+    temperature: float = 0.75
+
+    def __post_init__(self):
+        if self.temperature <= 0 or self.rank_domain < 1 or self.rank_invariant < 1 or self.n_negatives < 1:
+            raise ValueError("abxi: temperature > 0, ranks >= 1 and n_negatives >= 1 are required")
+
+
+class SwiGLU(nn.Module):
+    """W3 (SiLU(W2 x) * W1 x), no biases: the FFN and the projectors of ABXI."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(d, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(b) * a)
+
+
+class LoRA(nn.Module):
+    """x (A B): a rank-r map, B zero at start so an adapter begins as the identity residual."""
+
+    def __init__(self, d: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(d, rank) * 0.02)
+        self.B = nn.Parameter(torch.zeros(rank, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A) @ self.B
+
+
+class ABXI(SeqRecModel):
+    def __init__(self, cfg: ABXIConfig, vocab: Vocab):
+        super().__init__(vocab)
+        self.cfg = cfg
+        d, D = cfg.d, vocab.n_domains
+        hidden = cfg.ffn_dim or round(8 * d / 3)
+        self.item_emb = nn.Embedding(vocab.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.drop = Dropout(cfg.dropout)
+        self.attn = MultiHeadAttention(d, cfg.heads, cfg.dropout)
+        self.ln_attn = nn.LayerNorm(d)
+        self.ffn = SwiGLU(d, hidden)
+        # stream 0 is the merged sequence, stream 1 + a domain a's subsequence
+        self.dlora = nn.ModuleList(LoRA(d, cfg.rank_domain) for _ in range(1 + D))
+        self.ln_ffn = nn.ModuleList(nn.LayerNorm(d) for _ in range(1 + D))
+        self.proj_i = SwiGLU(d, hidden)
+        self.ilora = nn.ModuleList(LoRA(d, cfg.rank_invariant) for _ in range(D))
+        self.proj = nn.ModuleList(SwiGLU(d, hidden) for _ in range(D))
+        self.ln_inv = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
+        self.ln_dom = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
+        self.register_buffer("empty", torch.zeros(D, d), persistent=False)
+        ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
+        self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
+        self.register_buffer("dom_size", ranges[:, 1] - ranges[:, 0] + 1, persistent=False)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def _stream(self, items: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+        """items / valid [B, L'] (right-aligned) -> [B, L', d]: the shared encoder with stream k's
+        dLoRA. Causal: position j sees positions <= j of its own stream only."""
+        x = self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
+        a, _ = self.attn(x, attention_mask(valid, causal=True))
+        h = self.ln_attn(x + self.drop(a)) * valid[..., None]
+        return self.ln_ffn[k](h + self.drop(self.ffn(h)) + self.drop(self.dlora[k](h))) * valid[..., None]
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h^x [B, L, d], S [B, L, D, d]: each domain stream at its last event <= i)."""
+        items, doms, mask = batch["items"], batch["domains"], batch["mask"]
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
+        hx = self._stream(items, mask, 0)
+        layout = domain_streams(doms, mask, self.vocab.n_domains)
+        xs = [self._stream(items.gather(1, o), v, 1 + a) for a, (o, v) in enumerate(layout)]
+        return hx, stream_states(xs, layout, doms, mask, self.empty)
+
+    def represent(self, hx: torch.Tensor, S: torch.Tensor, tdom: torch.Tensor) -> torch.Tensor:
+        """hx [N, d], S [N, D, d], tdom [N] -> r [N, d] (module docstring)."""
+        inv = hx + self.drop(self.proj_i(hx))
+        out = torch.zeros_like(hx)
+        for t in range(self.vocab.n_domains):  # D is small; each row takes its target's branch
+            rows = (tdom == t).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            h, s = hx.index_select(0, rows), S[:, t].index_select(0, rows)
+            r = self.ln_inv[t](inv.index_select(0, rows) + self.drop(self.ilora[t](h))) + \
+                self.ln_dom[t](s + self.drop(self.proj[t](s)))
+            out = out.index_copy(0, rows, r.to(out.dtype))
+        return out
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hx, S = self.encode(batch)
+        valid = batch["mask"] & (batch["targets"] > 0)
+        tgt, tdom = batch["targets"][valid], batch["target_domains"][valid]
+        q = self.represent(hx[valid], S[valid], tdom)
+        if self.cfg.loss == "ce":
+            return {"loss": domain_softmax_loss(q / self.cfg.temperature, tgt, tdom, self.item_emb.weight,
+                                                self.vocab.domain_ranges)}
+        neg = torch.cat([sample_domain_negatives(torch.full_like(tdom, a), self.dom_lo, self.dom_size,
+                                                 self.cfg.n_negatives) for a in range(self.vocab.n_domains)], 1)
+        return {"loss": sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / self.cfg.temperature)}
+
+    def score_parts(self, batch: dict[str, torch.Tensor]):
+        hx, S = self.encode(batch)
+        return self.represent(hx[:, -1], S[:, -1], batch["target_domain"]), self.item_emb.weight, None
+
+    def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
+        q, table, _ = self.score_parts(batch)
+        return dot_scores(q, table, candidates)
