@@ -100,3 +100,15 @@ def test_scores_are_the_dot_products_of_score_parts():
     assert torch.allclose(full[:, 1:], q @ table[1:].T, atol=1e-5)
     cand = torch.tensor([[1, 5, 40]] * 4)
     assert torch.allclose(m.score(b, cand), full.gather(1, cand), atol=1e-5)
+
+
+def test_last_position_scoring_equals_the_full_encoding():
+    for vocab, D in ((VOCAB, 2), (VOCAB3, 3)):
+        m, b = _model(vocab=vocab), _batch(D=D)
+        b["domains"][2, :] = 0  # a row without any event of the other domains
+        b["items"][2, :] = torch.arange(1, 13)
+        b["target_domain"][2] = 1  # ... asked for a domain it has no event of: the empty state
+        h, S = m.encode(b)
+        want = m.represent(h[:, -1], S[:, -1], b["target_domain"])
+        q, _, _ = m.score_parts(b)
+        assert torch.allclose(q, want, atol=1e-5)

@@ -121,11 +121,14 @@ class ABXI(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def _stream(self, items: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-        """items / valid [B, L'] (right-aligned) -> [B, L', d]: the shared encoder with stream k's
-        dLoRA. Causal: position j sees positions <= j of its own stream only."""
+    def _stream(self, items: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False) -> torch.Tensor:
+        """items / valid [B, L'] (right-aligned) -> [B, L', d] (``last_only``: [B, 1, d], the
+        last position, which scoring needs alone): the shared encoder with stream k's dLoRA.
+        Causal: position j sees positions <= j of its own stream only."""
         x = self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
-        a, _ = self.attn(x, attention_mask(valid, causal=True))
+        a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only)
+        if last_only:
+            x, valid = x[:, -1:], valid[:, -1:]
         h = self.ln_attn(x + self.drop(a)) * valid[..., None]
         return self.ln_ffn[k](h + self.drop(self.ffn(h)) + self.drop(self.dlora[k](h))) * valid[..., None]
 
@@ -166,8 +169,16 @@ class ABXI(SeqRecModel):
         return {"loss": sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / self.cfg.temperature)}
 
     def score_parts(self, batch: dict[str, torch.Tensor]):
-        hx, S = self.encode(batch)
-        return self.represent(hx[:, -1], S[:, -1], batch["target_domain"]), self.item_emb.weight, None
+        """The last position only: a domain stream is right-aligned, so its state at the merged
+        window's end is its last entry (or ``empty`` when the domain has no event)."""
+        items, doms, mask = batch["items"], batch["domains"], batch["mask"]
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
+        hx = self._stream(items, mask, 0, last_only=True)[:, 0]
+        S = torch.stack([torch.where(v[:, -1:], self._stream(items.gather(1, o), v, 1 + a, last_only=True)[:, 0],
+                                     self.empty[a])
+                         for a, (o, v) in enumerate(domain_streams(doms, mask, self.vocab.n_domains))], 1)
+        return self.represent(hx, S, batch["target_domain"]), self.item_emb.weight, None
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
         q, table, _ = self.score_parts(batch)
