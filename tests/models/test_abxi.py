@@ -7,29 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import fit_batch
+from test_gca import VOCAB, VOCAB3, _batch  # the same 2- and 3-domain fixtures
 
-from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model, model_config
 
-VOCAB = Vocab(n_items=60, domain_ranges=((1, 30), (31, 60)), domain_names=("A", "B"))
-VOCAB3 = Vocab(n_items=90, domain_ranges=((1, 30), (31, 60), (61, 90)), domain_names=("A", "B", "C"))
 SMALL = {"d": 16, "heads": 2, "max_len": 12, "dropout": 0.1, "n_negatives": 8, "rank_domain": 4, "rank_invariant": 4}
-
-
-def _batch(B=4, L=12, seed=0, D=2):
-    g = torch.Generator().manual_seed(seed)
-    domains = torch.randint(0, D, (B, L), generator=g)
-    items = domains * 30 + torch.randint(1, 31, (B, L), generator=g)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, :3] = False
-    if B > 1:
-        mask[1, :9] = False  # a short row: some domains have no event yet
-    items, domains = items * mask, domains * mask
-    tdom = torch.roll(domains, -1, 1)
-    tdom[:, -1] = torch.randint(0, D, (B,), generator=g)
-    targets = (tdom * 30 + torch.randint(1, 31, (B, L), generator=g)) * mask
-    return {"items": items, "domains": domains, "timestamps": torch.zeros_like(items), "mask": mask,
-            "targets": targets, "target_domains": tdom * mask, "target_domain": tdom[:, -1]}
 
 
 def _model(vocab=VOCAB, **extra):

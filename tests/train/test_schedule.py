@@ -76,9 +76,10 @@ def test_cosine_rates_reach_the_optimiser_and_resume_exactly(tmp_path, data):
     assert [h["val_NDCG@10"] for h in res.history] == [h["val_NDCG@10"] for h in ref.history]
 
 
-def test_a_schedule_changes_training_and_constant_changes_nothing(tmp_path, data):
+def test_a_schedule_changes_training_and_a_flat_one_changes_nothing(tmp_path, data):
     plain, _ = _fit(data, tmp_path / "a", ScheduleConfig(), epochs=1)
-    same, _ = _fit(data, tmp_path / "b", ScheduleConfig(kind="constant"), epochs=1)
+    # a flat cosine (floor 1.0) goes through the per-step path and must change nothing
+    same, _ = _fit(data, tmp_path / "b", ScheduleConfig(kind="cosine", min_lr_ratio=1.0), epochs=1)
     warm, _ = _fit(data, tmp_path / "c", ScheduleConfig(warmup_epochs=1), epochs=1)
     a, b, c = (torch.cat([p.flatten() for p in m.parameters()]) for m in (plain, same, warm))
     assert torch.equal(a, b) and not torch.equal(a, c)

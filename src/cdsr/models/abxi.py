@@ -125,6 +125,8 @@ class ABXI(SeqRecModel):
         """items / valid [B, L'] (right-aligned) -> [B, L', d] (``last_only``: [B, 1, d], the
         last position, which scoring needs alone): the shared encoder with stream k's dLoRA.
         Causal: position j sees positions <= j of its own stream only."""
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
         x = self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
         a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only)
         if last_only:
@@ -135,8 +137,6 @@ class ABXI(SeqRecModel):
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (h^x [B, L, d], S [B, L, D, d]: each domain stream at its last event <= i)."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
-        if items.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
         hx = self._stream(items, mask, 0)
         layout = domain_streams(doms, mask, self.vocab.n_domains)
         xs = [self._stream(items.gather(1, o), v, 1 + a) for a, (o, v) in enumerate(layout)]
@@ -172,8 +172,6 @@ class ABXI(SeqRecModel):
         """The last position only: a domain stream is right-aligned, so its state at the merged
         window's end is its last entry (or ``empty`` when the domain has no event)."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
-        if items.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
         hx = self._stream(items, mask, 0, last_only=True)[:, 0]
         S = torch.stack([torch.where(v[:, -1:], self._stream(items.gather(1, o), v, 1 + a, last_only=True)[:, 0],
                                      self.empty[a])

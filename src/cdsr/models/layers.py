@@ -259,11 +259,12 @@ class _SampledSoftmaxCE(torch.autograd.Function):
     negatives equal to the row's positive masked out, fused with its gradient.
 
     Per chunk of rows the candidates' table rows are gathered ([chunk, 1 + R, d], a few MiB),
-    scored with one batched product, turned into the gradient, and scattered back with
-    ``index_add_``; the [N, 1 + R, d] gather of the whole batch (1.4 GiB at N 5,600, R 256,
-    d 256), its dtype copies and its embedding backward are never made. Products in ``dtype``,
-    log-softmax and gradient accumulation in float32. ``normalize``: score the L2-normalised
-    rows (``F.normalize``, HSTU's cosine), normalising only the gathered rows.
+    scored with one batched product and turned into the gradient of q; the table's gradient is
+    one CSR sparse x dense product over the whole batch after the loop. The [N, 1 + R, d]
+    gather of the whole batch (1.4 GiB at N 5,600, R 256, d 256), its dtype copies and its
+    embedding backward are never made. Products in ``dtype``, log-softmax and gradient
+    accumulation in float32. ``normalize``: score the L2-normalised rows (HSTU's cosine),
+    dividing the scores by |e| rather than the rows.
     """
 
     @staticmethod
