@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name, from_dict
-from cdsr.evaluate.protocols import EvalConfig, summarise
+from cdsr.evaluate.protocols import EvalConfig, selection_value, summarise
 from cdsr.evaluate.robustness import (
     RobustnessConfig,
     inference_curves,
@@ -263,8 +263,8 @@ def track_step(dataset: str, method: str, run: str, robustness: list[dict] | Non
                 mlflow.log_dict(metrics["data_version"], "data_version.json")
                 tracking.log_history(metrics["history"])
                 vals = tracking.final_metrics(metrics)
-                vm = config["train"]["val_metric"]
-                vals["val_metric"] = float(metrics["validation"]["overall"][vm])
+                vals["val_metric"] = selection_value(metrics["validation"], config["train"]["val_metric"],
+                                                     config["train"].get("val_aggregate", "overall"))
                 mlflow.log_metrics(vals)
                 tracking.log_artifacts([rd / "config.json", rd / "metrics.json", rd / "robustness.json"], "run")
                 tracking.log_artifacts(plots, "plots")

@@ -136,38 +136,56 @@ def data_list(params: Optional[Path] = PARAMS, root: Path = ROOT) -> None:
 
 
 @app.command("models")
-def models_list() -> None:
-    """List the registered models (name first) and their variants."""
+def models_list(params: Optional[Path] = PARAMS) -> None:
+    """List the registered models (name first) and their variants, then the presets of params.yaml."""
     from cdsr.models.registry import MODELS
+    from cdsr.presets import presets
 
     for name, spec in MODELS.items():
         typer.echo(f"{name:12s} variants: {', '.join(spec.variants):16s} {spec.description}")
+    try:
+        known = presets(load_params(params))
+    except ConfigError as exc:
+        _fail(str(exc))
+    for name, pr in known.items():
+        typer.echo(f"preset {name} (model {pr.model}): {pr.description}")
 
 
 @app.command("train")
 def train(
     dataset: str = DATASET,
-    model: str = typer.Option(..., "--model", "-m", help="A registered model (see `cdsr models`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A registered model (see `cdsr models`)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named preset from params.yaml `presets:` (a model and its training regime; see `cdsr models`)."),
     variant: str = typer.Option("merged", "--variant", "-v", help="merged (whole multi-domain sequence) or single (one model per domain)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default: train.epochs in params)."),
     seed: int = typer.Option(42, "--seed", help="Fixes initialisation, batch order and sampled negatives."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<dataset>/<model>-<variant>-s<seed>)."),
-    sets: list[str] = typer.Option([], "--set", help="Override a param: train.lr=0.0005, model.d=128, evaluate.exclude_history=true."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<dataset>/<model>-<variant>-s<seed>, or <preset>-s<seed>)."),
+    sets: list[str] = typer.Option([], "--set", help="Override a param: train.lr=0.0005, model.d=128, evaluate.exclude_history=true (after the preset's)."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
 ) -> None:
-    """Train a model with early stopping, evaluate its best checkpoint on test, write metrics.json."""
+    """Train a model (or preset) with early stopping, evaluate its best checkpoint on test, write metrics.json.
+
+    Re-running the same command resumes an interrupted run from its checkpoint and skips a finished one."""
+    from cdsr.presets import expand
     from cdsr.train.run import apply_overrides, train_run
 
     p = _declared(dataset, params)
-    out = out or Path("runs") / dataset / f"{model}-{variant}-s{seed}"
     try:
+        if preset is not None:
+            model, preset_sets = expand(p, preset, model)
+            sets = preset_sets + list(sets)
+        elif model is None:
+            raise ConfigError("give --model or --preset")
+        name = f"{preset}-s{seed}" if preset is not None and variant == "merged" else f"{preset or model}-{variant}-s{seed}"
+        out = out or Path("runs") / dataset / name
         p = apply_overrides(p, model, sets)
         m = train_run(dataset, model, variant, p, out, seed=seed, epochs=epochs, data_root=root)
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         _fail(str(exc))
     for proto, res in m["protocols"].items():
-        dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f}" for d, v in res["domains"].items())
+        dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
+                        for d, v in res["domains"].items())
         typer.echo(f"{proto:12s} overall HR@10 {res['overall']['HR@10']:.4f} NDCG@10 {res['overall']['NDCG@10']:.4f} | {dom}")
     typer.echo(f"metrics: {out / 'metrics.json'}")
 

@@ -236,7 +236,10 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
     experiment = _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
     reap(study, experiment)
-    val_metric = (params.get("train") or {}).get("val_metric", "NDCG@10")
+    from cdsr.evaluate.protocols import selection_value
+    from cdsr.train.loop import TrainConfig
+
+    from_dict(TrainConfig, params.get("train"), "train")  # a config error before the study is opened
     runs = Path(cfg.runs_dir) / dataset / model
 
     def objective(trial) -> float:
@@ -265,21 +268,22 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
         try:
             mlflow.log_params(chosen)
 
+            tc = from_dict(TrainConfig, p.get("train"), "train")  # the trial's (a space may set val_*)
+
             def on_epoch(epoch: int, record: dict) -> None:
-                key = f"val_{val_metric}"
-                if key not in record:
+                if "val_selection" not in record:
                     return
                 # every validation number of the epoch (e.g. GCA's |cos|, for `cdsr analyze orthogonality`)
                 mlflow.log_metrics({tracking.metric_key(k): float(v) for k, v in record.items()
                                     if k.startswith("val_") and isinstance(v, (int, float))}, step=epoch)
-                trial.report(record[key], epoch)
+                trial.report(record["val_selection"], epoch)
                 if trial.should_prune():
                     mlflow.set_tag("optuna.state", "PRUNED")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
             m = train_run(dataset, model, "merged", p, out, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
                           on_epoch=on_epoch)
-            value = float(m["validation"]["overall"][val_metric])
+            value = selection_value(m["validation"], tc.val_metric, tc.val_aggregate)
             mlflow.log_metric("val_metric", value)
             mlflow.set_tag("optuna.state", "COMPLETE")
             status = "FINISHED"

@@ -325,6 +325,27 @@ def summarise(res: RankResult, domain_names: list[str], cfg: EvalConfig) -> dict
     return {"protocol": res.protocol, "overall": m(), "domains": domains, "buckets": buckets}
 
 
+AGGREGATES = ("overall", "sum", "mean")
+
+
+def selection_value(summary: dict, metric: str, aggregate: str = "overall") -> float:
+    """The number model selection maximises, from a :func:`summarise` result.
+
+    - ``overall``: ``metric`` over all targets pooled (domains weighted by their target counts);
+    - ``sum`` / ``mean``: the sum / mean of the per-domain values (every domain weighs the
+      same whatever its size; ABXI selects on the sum of validation MRR over its two domains).
+    A domain without targets in the split is absent from ``summary["domains"]`` and left out.
+    """
+    if aggregate == "overall":
+        return float(summary["overall"][metric])
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; known: {list(AGGREGATES)}")
+    vals = [float(v[metric]) for v in summary["domains"].values()]
+    if not vals:
+        raise ValueError("no domain has targets in this split")
+    return sum(vals) if aggregate == "sum" else sum(vals) / len(vals)
+
+
 def evaluate(model: nn.Module, data: SplitData, split: str, cfg: EvalConfig,
              device: str | torch.device = "cpu") -> dict[str, dict]:
     """protocol name -> :func:`summarise` of :func:`rank_targets`, for every ``cfg.protocols``."""

@@ -32,7 +32,13 @@ from tqdm import tqdm
 
 from cdsr.config import ConfigError
 from cdsr.data.loaders import SplitData, TrainDataset
-from cdsr.evaluate.protocols import EvalConfig, rank_targets, summarise
+from cdsr.evaluate.protocols import (
+    AGGREGATES,
+    EvalConfig,
+    rank_targets,
+    selection_value,
+    summarise,
+)
 from cdsr.models.base import SeqRecModel
 from cdsr.train.pareto import ParetoConfig, ParetoStrategy
 
@@ -96,6 +102,9 @@ class TrainConfig:
     min_delta: float = 0.0
     val_metric: str = "NDCG@10"
     val_protocol: str = "full"
+    # how the per-domain validation values become the one selection number (see
+    # cdsr.evaluate.protocols.selection_value): overall (pooled targets), sum or mean over domains
+    val_aggregate: str = "overall"
     eval_every: int = 1
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
     strategy: str = "standard"  # used unless the model names one (``model.train_strategy``)
@@ -104,6 +113,15 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where the device has native bf16 (see amp_dtype); False: float32
     device: str = "auto"
     progress: bool = True
+
+    def __post_init__(self):
+        if self.val_aggregate not in AGGREGATES:
+            raise ConfigError(f"train.val_aggregate must be one of {list(AGGREGATES)}, not {self.val_aggregate!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.eval_every < 1:
+            raise ConfigError("train: epochs, batch_size, patience and eval_every must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"train: need lr > 0 and weight_decay >= 0 (finite), got lr={self.lr}, "
+                              f"weight_decay={self.weight_decay}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -322,10 +340,11 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         # mean over the steps this process ran (after a mid-epoch resume: the rest of the epoch)
         record = {"epoch": epoch, "loss": float("nan"), **{k: v / max(n_steps, 1) for k, v in sums.items()}}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val = summarise(rank_targets(model, val_data, "valid", cfg.val_protocol, eval_cfg, device),
-                            val_data.domain_names, eval_cfg)["overall"]
-            metric = val[cfg.val_metric]
-            record.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            summary = summarise(rank_targets(model, val_data, "valid", cfg.val_protocol, eval_cfg, device),
+                                val_data.domain_names, eval_cfg)
+            metric = selection_value(summary, cfg.val_metric, cfg.val_aggregate)
+            record.update({f"val_{k}": v for k, v in summary["overall"].items() if k != "n"})
+            record["val_selection"] = metric  # what early stopping, the plateau schedule and tuning follow
             diagnose = getattr(model, "epoch_diagnostics", None)  # e.g. GCA's |cos(X, X')| on validation
             if diagnose is not None:
                 record.update({f"val_{k}": v for k, v in diagnose(val_data, eval_cfg, device).items()})
