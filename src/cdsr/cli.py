@@ -376,6 +376,34 @@ def analyze_orthogonality(
     typer.echo(f"written: {out}/orthogonality.png, points.csv, summary.json")
 
 
+@analyze_app.command("ties")
+def analyze_ties(
+    run: Path = typer.Option(..., "--run", help="A run directory written by `cdsr train`."),
+    split: str = typer.Option("test", "--split", help="test or valid."),
+    k: int = typer.Option(999, "--k", help="Negatives per target (the split must store at least K)."),
+    draws: int = typer.Option(5, "--draws", help="Fresh negative draws for ABXI's estimator."),
+    seed: int = typer.Option(1000, "--seed", help="Seed of the first fresh draw (draw r uses seed + r)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON to write (default <run>/ties-<split>.json)."),
+) -> None:
+    """cdsr's sampled-K (one stored draw, ties against the target) against ABXI's (a fresh draw
+    per evaluation, ties in the target's favour) on one trained model."""
+    from cdsr.evaluate.ties import compare_estimators, format_table
+
+    if not (run / "config.json").exists():
+        _fail(f"{run}: not a run directory (no config.json)")
+    if split not in ("test", "valid") or k < 1 or draws < 1:
+        _fail("need --split test|valid, --k >= 1 and --draws >= 1")
+    _output_file(out)
+    try:
+        res = compare_estimators(run, split, k, draws, seed)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    dest = out or run / f"ties-{split}.json"
+    dest.write_text(json.dumps(res, indent=2) + "\n")
+    typer.echo(format_table(res))
+    typer.echo(f"written: {dest}")
+
+
 @app.command("serve")
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="Model URI: models:/cdsr-<dataset>@champion, runs:/<run id>/model or a path."),

@@ -3,7 +3,9 @@
 - Search space declared per model in params.yaml (``tune.search_space.<model>``): keys are
   ``--set`` style overrides (``train.lr``, ``model.d``); a spec is ``{low, high[, log, step]}``
   (float, or int when both bounds are ints) or ``{choices: [...]}``.
-- TPE sampler (seeded) and a median pruner fed the validation metric after every epoch.
+- TPE sampler (seeded) and a pruner (``tune.pruner.kind``: median, hyperband, successive
+  halving) fed the validation selection value (``train.val_metric`` aggregated as
+  ``train.val_aggregate``) after every epoch.
 - Persistent storage (``tune.storage``: sqlite by default, any SQLAlchemy URL). The study is
   named ``<dataset>/<model>`` and loaded if it exists, so a killed ``cdsr tune`` resumes: a
   trial left RUNNING by a dead process stops heart-beating, is marked FAIL and retried once
@@ -41,8 +43,43 @@ from cdsr.train.run import apply_overrides, as_overrides, train_run
 
 @dataclass(frozen=True)
 class PrunerConfig:
+    """How trials are stopped early on their per-epoch validation value.
+
+    - ``median``: stop a trial below the median of earlier trials at the same epoch (after
+      ``n_startup_trials`` trials and ``n_warmup_steps`` epochs);
+    - ``hyperband``: Optuna's Hyperband over epochs (``min_resource`` .. the trial budget
+      ``tune.epochs``, brackets of successive halving with ``reduction_factor``): the CPU goes to
+      the trials that are ahead at each rung;
+    - ``successive_halving``: one such bracket (asynchronous successive halving);
+    - ``none``: no pruning.
+    """
+
+    kind: str = "median"
     n_startup_trials: int = 3
     n_warmup_steps: int = 2
+    min_resource: int = 1
+    reduction_factor: int = 3
+
+    def __post_init__(self):
+        if self.kind not in ("median", "hyperband", "successive_halving", "none"):
+            raise ConfigError(f"tune.pruner.kind must be median, hyperband, successive_halving or none, not {self.kind!r}")
+        if self.min_resource < 1 or self.reduction_factor < 2:
+            raise ConfigError("tune.pruner: need min_resource >= 1 and reduction_factor >= 2")
+
+
+def make_pruner(cfg: PrunerConfig, max_resource: int):
+    """The Optuna pruner of ``cfg``; ``max_resource``: the epochs a trial may run."""
+    import optuna
+
+    if cfg.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
+    if cfg.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource, max_resource=max_resource,
+                                              reduction_factor=cfg.reduction_factor)
+    if cfg.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                                      reduction_factor=cfg.reduction_factor)
+    return optuna.pruners.NopPruner()
 
 
 @dataclass(frozen=True)
@@ -148,8 +185,7 @@ def open_study(dataset: str, model: str, cfg: TuneConfig, worker: int = 0, stora
     study = optuna.create_study(
         study_name=study_name(dataset, model), storage=st, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker, 0)),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner.n_startup_trials,
-                                           n_warmup_steps=cfg.pruner.n_warmup_steps))
+        pruner=make_pruner(cfg.pruner, cfg.epochs))
     n = len(study.get_trials(deepcopy=False))
     if n:  # a resumed study: a fresh sampler with the same seed would replay the first trials' draws
         study.sampler = optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker, n))

@@ -438,3 +438,29 @@ def test_every_registered_model_has_a_search_space_of_real_fields():
             section, field = key.split(".", 1)
             root = field.split(".", 1)[0]
             assert (section == "model" and root in model_fields) or (section == "train" and root in train_fields), (name, key)
+
+
+def test_successive_halving_and_hyperband_pruners(tmp_path, tiny_root, mlflow_store):
+    import optuna
+
+    from cdsr.tune import PrunerConfig, make_pruner
+
+    assert isinstance(make_pruner(PrunerConfig(kind="hyperband"), 20), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(PrunerConfig(kind="none"), 20), optuna.pruners.NopPruner)
+    with pytest.raises(ConfigError, match="tune.pruner.kind"):
+        PrunerConfig(kind="asha")
+    with pytest.raises(ConfigError, match="reduction_factor"):
+        PrunerConfig(kind="hyperband", reduction_factor=1)
+    # a good lr, then a useless one: at the first rung the useless trial is not in the top half
+    space = {"train.lr": {"choices": [0.01, 1e-6]}, "model.dropout": {"choices": [0.0]}}
+    params = make_params(tmp_path, "tune-sh", epochs=3, space=space,
+                         pruner={"kind": "successive_halving", "min_resource": 1, "reduction_factor": 2})
+    cfg = tune_cfg(params)
+    study = open_study("t", "sasrec", cfg)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    for lr in (0.01, 1e-6):
+        study.enqueue_trial({"train.lr": lr, "model.dropout": 0.0})
+    tune("t", "sasrec", params, cfg, trials=2, data_root=tiny_root)
+    t0, t1 = load_study(params).get_trials(deepcopy=False)
+    assert t0.state == optuna.trial.TrialState.COMPLETE and len(t0.intermediate_values) == 3
+    assert t1.state == optuna.trial.TrialState.PRUNED and len(t1.intermediate_values) < 3

@@ -47,8 +47,12 @@ def ranks_full(scores: Tensor, target: Tensor, allowed: Tensor) -> Tensor:
     return rank
 
 
-def ranks_sampled(scores: Tensor, n_valid: Tensor) -> Tensor:
+def ranks_sampled(scores: Tensor, n_valid: Tensor, ties: str = "pessimistic") -> Tensor:
     """Rank of the target (column 0) among itself and its sampled negatives.
+
+    ``ties``: ``pessimistic`` (a negative scoring equal to the target ranks above it: cdsr's
+    rule everywhere) or ``optimistic`` (below it: ABXI's ``(neg > target).sum() + 1``); only the
+    tie analysis (:mod:`cdsr.evaluate.ties`) uses the latter.
 
     scores  [B, 1 + K] float: column 0 the target, columns 1..n_valid[b] its negatives, later
                        columns padding (ignored whatever their score)
@@ -63,7 +67,10 @@ def ranks_sampled(scores: Tensor, n_valid: Tensor) -> Tensor:
         raise ValueError(f"n_valid must lie in [0, {k}]")
     t = scores[:, :1]
     valid = torch.arange(k, device=scores.device)[None, :] < n_valid[:, None]  # [B, K]
-    rank = 1 + ((scores[:, 1:] >= t) & valid).sum(1)
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be pessimistic or optimistic, not {ties!r}")
+    beats = scores[:, 1:] >= t if ties == "pessimistic" else scores[:, 1:] > t
+    rank = 1 + (beats & valid).sum(1)
     return torch.where(torch.isnan(t[:, 0]), 1 + n_valid, rank)
 
 
