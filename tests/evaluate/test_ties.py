@@ -47,7 +47,7 @@ def test_analyze_ties_on_a_trained_run(tmp_path, tiny_root, tiny_params, in_root
             r = t["redraw_optimistic"][dom][key]
             assert 0 <= r["mean"] <= 1 and r["std"] >= 0
     assert t["redraw_seeds"] == [7, 8, 9] and t["rows"] > 0
-    again = runner.invoke(app, args + ["--out", str(tmp_path / "again.json")])
+    runner.invoke(app, args + ["--out", str(tmp_path / "again.json")])
     assert json.loads((tmp_path / "again.json").read_text())["redraw_optimistic"] == t["redraw_optimistic"]  # seeded
     assert t["max_abs_diff"] >= 0
     assert runner.invoke(app, ["analyze", "ties", "--run", str(tmp_path)]).exit_code == 1

@@ -99,7 +99,7 @@ def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: 
     stored = _ranks(run_models(data), split, k, ev)
     out: dict[str, Any] = {
         "run": str(run_dir), "dataset": config["dataset"], "model": config["model"], "split": split, "k": k,
-        "rows": int(len(stored["pess"])),
+        "rows": len(stored["pess"]),
         "stored_pessimistic": _per_domain(stored["pess"], stored["n"], stored["domain"], names),
         "stored_optimistic": _per_domain(stored["opt"], stored["n"], stored["domain"], names),
         "stored_tied_rows": int(stored["tied"].sum()),
@@ -125,8 +125,8 @@ def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: 
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{res['model']} {res['run']} ({res['split']}, K={res['k']}, {res['rows']} rows; tied rows: stored "
-             f"{res['stored_tied_rows']}, redraws {res['redraw_tied_rows']})",
+    lines = [(f"{res['model']} {res['run']} ({res['split']}, K={res['k']}, {res['rows']} rows; tied rows: stored "
+             f"{res['stored_tied_rows']}, redraws {res['redraw_tied_rows']})"),
              f"{'domain':28s} {'metric':8s} {'stored/pess':>11s} {'stored/opt':>11s} {'redraw/opt mean +- std':>24s}"]
     for name, ms in res["redraw_optimistic"].items():
         for m in METRICS:
