@@ -105,10 +105,32 @@ def study_name(dataset: str, model: str) -> str:
     return f"{dataset}/{model}"
 
 
+def _composite(choices: list[Any]) -> bool:
+    """Choices Optuna cannot store as they are (it takes None, bool, int, float and str only)."""
+    return any(isinstance(c, (list, tuple, dict)) for c in choices)
+
+
+def _text(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
+
+
+def decode(params: dict[str, Any], space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Optuna's stored parameters -> values: a composite choice (a list, e.g. ``gca_layers``)
+    is suggested as its YAML text and read back here."""
+    import yaml
+
+    return {k: yaml.safe_load(v) if isinstance(v, str) and _composite(list(space.get(k, {}).get("choices", [])))
+            else v for k, v in params.items()}
+
+
 def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for key, spec in space.items():
-        if "choices" in spec:
+        if "choices" in spec and _composite(list(spec["choices"])):
+            out[key] = decode({key: trial.suggest_categorical(key, [_text(c) for c in spec["choices"]])}, space)[key]
+        elif "choices" in spec:
             out[key] = trial.suggest_categorical(key, list(spec["choices"]))
         elif "low" in spec and "high" in spec:
             if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("float"):
@@ -339,7 +361,7 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
         if done < total:
             study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=finished)],
                            timeout=cfg.timeout, catch=(), gc_after_trial=True)
-        best = write_best(study, dataset, model, cfg)
+        best = write_best(study, dataset, model, cfg, space)
         mlflow.log_metric("best_value", best["value"])
         mlflow.log_dict(best, "best.json")
     if not cfg.keep_trial_runs:
@@ -365,7 +387,8 @@ def reap(study, experiment_id: str) -> list[str]:
     return tracking.reap_dead_runs(experiment_id, dead)
 
 
-def write_best(study, dataset: str, model: str, cfg: TuneConfig) -> dict[str, Any]:
+def write_best(study, dataset: str, model: str, cfg: TuneConfig, space: dict[str, dict[str, Any]] | None = None
+               ) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     states = {s.name: sum(1 for t in study.get_trials(deepcopy=False) if t.state == s) for s in TrialState}
@@ -373,7 +396,7 @@ def write_best(study, dataset: str, model: str, cfg: TuneConfig) -> dict[str, An
         bt = study.best_trial
     except ValueError as exc:
         raise RuntimeError(f"study {study.study_name}: no trial completed ({states})") from exc
-    best = {"study": study.study_name, "trial": bt.number, "value": bt.value, "params": bt.params,
+    best = {"study": study.study_name, "trial": bt.number, "value": bt.value, "params": decode(bt.params, space or {}),
             "run_dir": bt.user_attrs.get("run_dir"), "trials": states}
     dest = Path(cfg.tuned_dir) / dataset / f"{model}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -283,9 +283,9 @@ def test_real_models_rank_the_same_through_score_parts(data, chunked, monkeypatc
     if chunked:  # items in chunks of 50: the two-pass path on every domain
         monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 64 * 50)
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
-    for name in ("sasrec", "bert4rec", "hstu", "gca", "dpg", "abxi"):
+    for name in ("sasrec", "bert4rec", "hstu", "gca", "dpg", "abxi", "abxi_gca"):
         torch.manual_seed(0)
-        small = {"d": 16, "heads": 1, "max_len": 20, **({} if name == "abxi" else {"layers": 1})}  # ABXI: one layer
+        small = {"d": 16, "heads": 1, "max_len": 20, **({} if name.startswith("abxi") else {"layers": 1})}  # ABXI: one layer
         net = build_model(name, model_config(name, small, "merged"), vocab)
         for proto in ("full", "full-all"):
             for excl in (False, True):

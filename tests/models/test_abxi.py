@@ -94,3 +94,54 @@ def test_last_position_scoring_equals_the_full_encoding():
         want = m.represent(h[:, -1], S[:, -1], b["target_domain"])
         q, _, _ = m.score_parts(b)
         assert torch.allclose(q, want, atol=1e-5)
+
+
+def _gca_model(vocab=VOCAB, layers=(0, 1), **extra):
+    torch.manual_seed(0)
+    m = build_model("abxi_gca", model_config("abxi_gca", {**SMALL, "gca_layers": list(layers), **extra}, "merged"), vocab)
+    for p in m.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        for g in m.gca.values():
+            g.alpha.fill_(2.0)  # gates well open: the cross-attention must matter
+    return m.eval()
+
+
+@pytest.mark.parametrize("layers", [(0,), (1,), (0, 1)])
+@pytest.mark.parametrize("i", [3, 7])
+def test_gca_over_abxi_is_causal_and_scores_its_last_position(layers, i):
+    m, b = _gca_model(layers=layers), _batch()
+    h, S = m.encode(b)
+    fut = {k: v.clone() for k, v in b.items()}
+    g = torch.Generator().manual_seed(5)
+    fut["domains"][:, i + 1:] = torch.randint(0, 2, fut["domains"][:, i + 1:].shape, generator=g)
+    fut["items"][:, i + 1:] = fut["domains"][:, i + 1:] * 30 + torch.randint(1, 31, fut["items"][:, i + 1:].shape,
+                                                                               generator=g)
+    h2, S2 = m.encode(fut)
+    assert torch.allclose(S[:, : i + 1], S2[:, : i + 1], atol=1e-5)
+    want = m.represent(h[:, -1], S[:, -1], b["target_domain"])
+    assert torch.allclose(m.score_parts(b)[0], want, atol=1e-5)
+    plain = build_model("abxi", model_config("abxi", SMALL, "merged"), VOCAB)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("gca.")})
+    assert not torch.allclose(plain.eval().encode(b)[1], S, atol=1e-4)  # GCA changes the domain streams
+
+
+def test_gca_over_abxi_fits_and_measures_orthogonality(tiny_root):
+    from cdsr.data.loaders import SplitData
+    from cdsr.evaluate.protocols import EvalConfig
+    from cdsr.models.base import Vocab
+
+    torch.manual_seed(0)
+    m = build_model("abxi_gca", model_config("abxi_gca", {**SMALL, "dropout": 0.0, "gca_layers": [0, 1]}, "merged"), VOCAB3)
+    losses = fit_batch(m, _batch(D=3), steps=60, lr=1e-2)
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    assert all(p.grad is not None for p in m.gca.parameters())
+    data = SplitData.load(tiny_root / "t" / "processed")
+    m = build_model("abxi_gca", model_config("abxi_gca", {**SMALL, "max_len": 20}, "merged"),
+                    Vocab.from_ranges(data.domain_ranges, data.domain_names))
+    diag = m.epoch_diagnostics(data, EvalConfig(max_len=20), "cpu")
+    assert 0 < diag["cos"] <= 1 and {f"cos_gca{k}" for k in (0,)} <= set(diag)
+    assert diag["gate_gca0_Books"] == pytest.approx(0.5)  # sigmoid(alpha_init = 0)
+    with pytest.raises(ValueError, match="gca_layers"):
+        model_config("abxi", {"gca_layers": [2]}, "merged")

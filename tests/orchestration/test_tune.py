@@ -464,3 +464,24 @@ def test_successive_halving_and_hyperband_pruners(tmp_path, tiny_root, mlflow_st
     t0, t1 = load_study(params).get_trials(deepcopy=False)
     assert t0.state == optuna.trial.TrialState.COMPLETE and len(t0.intermediate_values) == 3
     assert t1.state == optuna.trial.TrialState.PRUNED and len(t1.intermediate_values) < 3
+
+
+def test_list_valued_choices_are_suggested_as_text_and_read_back():
+    import optuna
+
+    from cdsr.train.run import apply_overrides, as_overrides
+    from cdsr.tune import decode, suggest
+
+    space = {"model.gca_layers": {"choices": [[0], [1], [0, 1]]}, "train.lr": {"choices": [0.001]}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        v = suggest(trial, space)
+        assert v["model.gca_layers"] in ([0], [1], [0, 1]) and isinstance(trial.params["model.gca_layers"], str)
+        assert decode(trial.params, space) == v
+        p = apply_overrides({}, "abxi_gca", as_overrides(v))
+        assert p["models"]["abxi_gca"]["gca_layers"] == v["model.gca_layers"]
+        seen.add(tuple(v["model.gca_layers"]))
+        study.tell(trial, 0.0)
+    assert len(seen) == 3

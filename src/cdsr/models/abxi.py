@@ -23,6 +23,13 @@ NOTE (departures from the paper and its public code):
 - Positions count from each stream's first event (ABXI's absolute position index).
 - The SwiGLU hidden size is ``ffn_dim`` (default round(8 d / 3), 683 at d 256, where the
   public code fixes 680).
+
+GCA over ABXI (``gca_layers``; the model ``abxi_gca`` has ``[0]``): seeds 002/003 insert Gated
+Cross-Attention into ABXI. GCA[0] refines the domain streams' embeddings, GCA[1] the domain
+streams after the shared encoder, each stream a from the other domains' events that happened
+before the query (the :class:`cdsr.models.gca.GCA` module, its gate, alpha and LayerNorm options,
+and its |cos(X, X')| measurement after every validation epoch). NOTE: the merged stream gets no
+GCA (it already attends across domains), as in our dual-stream host.
 """
 
 from __future__ import annotations
@@ -62,9 +69,26 @@ class ABXIConfig:
     n_negatives: int = 128  # per domain, for loss: sampled
     temperature: float = 0.75
 
+    # GCA over ABXI (module docstring): 0 after the embeddings, 1 after the encoder
+    gca_layers: tuple[int, ...] = ()
+    gate: Literal["sigmoid", "tanh"] = "sigmoid"
+    alpha: Literal["scalar", "channel"] = "scalar"
+    alpha_init: float = 0.0
+    gca_ln: bool = True
+    gca_heads: int = 0  # 0: heads
+    measure: bool = True  # |cos(X, X')| on validation after each validation epoch
+
     def __post_init__(self):
         if self.temperature <= 0 or self.rank_domain < 1 or self.rank_invariant < 1 or self.n_negatives < 1:
             raise ValueError("abxi: temperature > 0, ranks >= 1 and n_negatives >= 1 are required")
+        if any(k not in (0, 1) for k in self.gca_layers) or len(set(self.gca_layers)) != len(self.gca_layers):
+            raise ValueError(f"abxi: gca_layers {list(self.gca_layers)}: distinct values of 0 (after the embeddings) "
+                             "and 1 (after the encoder)")
+
+
+@dataclass(frozen=True)
+class ABXIGCAConfig(ABXIConfig):
+    gca_layers: tuple[int, ...] = (0,)
 
 
 class SwiGLU(nn.Module):
@@ -112,6 +136,9 @@ class ABXI(SeqRecModel):
         self.proj = nn.ModuleList(SwiGLU(d, hidden) for _ in range(D))
         self.ln_inv = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
         self.ln_dom = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
+        from cdsr.models.gca import GCA
+
+        self.gca = nn.ModuleDict({str(k): GCA(cfg, D) for k in sorted(cfg.gca_layers)})
         self.register_buffer("empty", torch.zeros(D, d), persistent=False)
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
         self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
@@ -121,26 +148,45 @@ class ABXI(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def _stream(self, items: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False) -> torch.Tensor:
-        """items / valid [B, L'] (right-aligned) -> [B, L', d] (``last_only``: [B, 1, d], the
-        last position, which scoring needs alone): the shared encoder with stream k's dLoRA.
-        Causal: position j sees positions <= j of its own stream only."""
+    def _embed(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """items / valid [B, L'] (right-aligned) -> the stream's input [B, L', d]."""
         if items.shape[1] > self.cfg.max_len:
             raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
-        x = self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
+        return self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
+
+    def _block(self, x: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False) -> torch.Tensor:
+        """The shared encoder with stream k's dLoRA: [B, L', d] -> [B, L', d] (``last_only``:
+        [B, 1, d], the last position, which scoring needs alone). Causal: position j sees
+        positions <= j of its own stream only."""
         a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only)
         if last_only:
             x, valid = x[:, -1:], valid[:, -1:]
         h = self.ln_attn(x + self.drop(a)) * valid[..., None]
         return self.ln_ffn[k](h + self.drop(self.ffn(h)) + self.drop(self.dlora[k](h))) * valid[..., None]
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (h^x [B, L, d], S [B, L, D, d]: each domain stream at its last event <= i)."""
+    def _domain_streams(self, items, doms, mask, layout, stats=None, last_only=False) -> list[torch.Tensor]:
+        """Per domain a: its encoded stream [B, L_a, d] (``last_only``: [B, 1, d]), with GCA."""
+        midx, valid = [o for o, _ in layout], [v for _, v in layout]
+
+        def cross(k: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            if str(k) not in self.gca:
+                return xs
+            acc = None if stats is None else stats.setdefault(k, xs[0].new_zeros(len(xs), 2, dtype=torch.float32))
+            return self.gca[str(k)](xs, midx, valid, acc)
+
+        xs = cross(0, [self._embed(items.gather(1, o), v) for o, v in layout])
+        last_only = last_only and "1" not in self.gca  # GCA[1] reads every position of the other streams
+        xs = [self._block(x, v, 1 + a, last_only) for a, (x, v) in enumerate(zip(xs, valid))]
+        return cross(1, xs)
+
+    def encode(self, batch: dict[str, torch.Tensor], stats: dict[int, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h^x [B, L, d], S [B, L, D, d]: each domain stream at its last event <= i).
+        ``stats``: GCA placement -> [D, 2] |cos(X, X')| accumulators."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
-        hx = self._stream(items, mask, 0)
+        hx = self._block(self._embed(items, mask), mask, 0)
         layout = domain_streams(doms, mask, self.vocab.n_domains)
-        xs = [self._stream(items.gather(1, o), v, 1 + a) for a, (o, v) in enumerate(layout)]
-        return hx, stream_states(xs, layout, doms, mask, self.empty)
+        return hx, stream_states(self._domain_streams(items, doms, mask, layout, stats), layout, doms, mask, self.empty)
 
     def represent(self, hx: torch.Tensor, S: torch.Tensor, tdom: torch.Tensor) -> torch.Tensor:
         """hx [N, d], S [N, D, d], tdom [N] -> r [N, d] (module docstring)."""
@@ -172,11 +218,19 @@ class ABXI(SeqRecModel):
         """The last position only: a domain stream is right-aligned, so its state at the merged
         window's end is its last entry (or ``empty`` when the domain has no event)."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
-        hx = self._stream(items, mask, 0, last_only=True)[:, 0]
-        S = torch.stack([torch.where(v[:, -1:], self._stream(items.gather(1, o), v, 1 + a, last_only=True)[:, 0],
-                                     self.empty[a])
-                         for a, (o, v) in enumerate(domain_streams(doms, mask, self.vocab.n_domains))], 1)
+        hx = self._block(self._embed(items, mask), mask, 0, last_only=True)[:, 0]
+        layout = domain_streams(doms, mask, self.vocab.n_domains)
+        xs = self._domain_streams(items, doms, mask, layout, last_only=True)
+        S = torch.stack([torch.where(v[:, -1:], x[:, -1], self.empty[a]) for a, (x, (_, v)) in enumerate(zip(xs, layout))], 1)
         return self.represent(hx, S, batch["target_domain"]), self.item_emb.weight, None
+
+    def epoch_diagnostics(self, data, eval_cfg, device) -> dict[str, float]:
+        """With GCA: its |cos(X, X')| and gates on the validation histories (the loop's hook)."""
+        if not (self.gca and self.cfg.measure):
+            return {}
+        from cdsr.models.gca import validation_orthogonality
+
+        return validation_orthogonality(self, data, eval_cfg, device)
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
         q, table, _ = self.score_parts(batch)

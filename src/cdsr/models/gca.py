@@ -253,47 +253,59 @@ class DualStream(SeqRecModel):
         q, table, _ = self.score_parts(batch)
         return dot_scores(q, table, candidates)
 
-    @torch.no_grad()
     def orthogonality(self, batch_iter) -> dict[str, float]:
-        """Mean |cos(X, X')| and g(alpha) per GCA module and query domain over the batches of
-        ``batch_iter``: keys ``cos_gca{k}_{domain}``, ``cos_gca{k}`` (all domains), ``cos``
-        (all modules), ``gate_gca{k}_{domain}`` (mean over channels)."""
-        if not self.gca:
-            return {}
-        was = self.training
-        self.eval()
-        stats: dict[int, torch.Tensor] = {}
-        try:
-            for batch in batch_iter:
-                self.encode(batch, stats)
-        finally:
-            self.train(was)
-        names = self.vocab.domain_names or tuple(str(a) for a in range(self.vocab.n_domains))
-        out: dict[str, float] = {}
-        total = torch.zeros(2)
-        for k, st in sorted(stats.items()):
-            st = st.cpu()
-            total += st.sum(0)
-            gate = self.gca[str(k)].gate().mean(-1).cpu()
-            for a, name in enumerate(names):
-                out[f"cos_gca{k}_{name}"] = float(st[a, 0] / st[a, 1]) if st[a, 1] else float("nan")
-                out[f"gate_gca{k}_{name}"] = float(gate[a])
-            s = st.sum(0)
-            out[f"cos_gca{k}"] = float(s[0] / s[1]) if s[1] else float("nan")
-        out["cos"] = float(total[0] / total[1]) if total[1] else float("nan")
-        return out
+        """See :func:`orthogonality` (the module-level function)."""
+        return orthogonality(self, batch_iter)
 
     def epoch_diagnostics(self, data, eval_cfg, device) -> dict[str, float]:
-        """The training loop's per-validation-epoch hook: :meth:`orthogonality` on ``valid``."""
+        """The training loop's per-validation-epoch hook: :func:`orthogonality` on ``valid``."""
         if not (self.gca and self.cfg.measure):
             return {}
-        from cdsr.data.loaders import EvalDataset
+        return validation_orthogonality(self, data, eval_cfg, device)
 
-        ds = EvalDataset(data, "valid", self.cfg.max_len)
-        bs = eval_cfg.batch_size
-        batches = ({k: v.to(device) for k, v in ds[np.arange(s, min(s + bs, len(ds)))].items()}
-                   for s in range(0, len(ds), bs))
-        return self.orthogonality(batches)
+
+@torch.no_grad()
+def orthogonality(model: SeqRecModel, batch_iter) -> dict[str, float]:
+    """Mean |cos(X, X')| and g(alpha) per GCA module and query domain over the batches of
+    ``batch_iter``, for any host whose ``encode(batch, stats)`` fills GCA accumulators and whose
+    ``gca`` holds the modules (the dual-stream host, ABXI): keys ``cos_gca{k}_{domain}``,
+    ``cos_gca{k}`` (all domains), ``cos`` (all modules), ``gate_gca{k}_{domain}`` (mean over
+    channels)."""
+    if not model.gca:
+        return {}
+    was = model.training
+    model.eval()
+    stats: dict[int, torch.Tensor] = {}
+    try:
+        for batch in batch_iter:
+            model.encode(batch, stats)
+    finally:
+        model.train(was)
+    names = model.vocab.domain_names or tuple(str(a) for a in range(model.vocab.n_domains))
+    out: dict[str, float] = {}
+    total = torch.zeros(2)
+    for k, st in sorted(stats.items()):
+        st = st.cpu()
+        total += st.sum(0)
+        gate = model.gca[str(k)].gate().mean(-1).cpu()
+        for a, name in enumerate(names):
+            out[f"cos_gca{k}_{name}"] = float(st[a, 0] / st[a, 1]) if st[a, 1] else float("nan")
+            out[f"gate_gca{k}_{name}"] = float(gate[a])
+        s = st.sum(0)
+        out[f"cos_gca{k}"] = float(s[0] / s[1]) if s[1] else float("nan")
+    out["cos"] = float(total[0] / total[1]) if total[1] else float("nan")
+    return out
+
+
+def validation_orthogonality(model: SeqRecModel, data, eval_cfg, device) -> dict[str, float]:
+    """:func:`orthogonality` over the validation histories of ``data``."""
+    from cdsr.data.loaders import EvalDataset
+
+    ds = EvalDataset(data, "valid", model.cfg.max_len)
+    bs = eval_cfg.batch_size
+    batches = ({k: v.to(device) for k, v in ds[np.arange(s, min(s + bs, len(ds)))].items()}
+               for s in range(0, len(ds), bs))
+    return orthogonality(model, batches)
 
 
 def n_parameters(cfg: DualStreamConfig, vocab: Vocab) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdsr.config import from_dict
-from cdsr.models.abxi import ABXI, ABXIConfig
+from cdsr.models.abxi import ABXI, ABXIConfig, ABXIGCAConfig
 from cdsr.models.autocdsr import (
     AutoCDSRBERT4Rec,
     AutoCDSRBERT4RecConfig,
@@ -54,6 +54,8 @@ MODELS: dict[str, ModelSpec] = {
                                    "AutoCDSR (KDD 2025) on BERT4Rec: cross-domain attention mass, Pareto (MGDA) step"),
     "abxi": ModelSpec(ABXI, ABXIConfig, ("merged",),
                       "ABXI (WWW 2025): shared encoder with per-stream dLoRA, invariant projector + iLoRA, task-guided alignment"),
+    "abxi_gca": ModelSpec(ABXI, ABXIGCAConfig, ("merged",),
+                          "GCA over ABXI (seeds 002/003's host): ABXI's domain streams refined by gated cross-attention; logs |cos(X, X')|"),
     "autocdsr_plus": ModelSpec(AutoCDSRPlus, AutoCDSRPlusConfig, ("merged",),
                                "AutoCDSR+ (KDD 2025) on BERT4Rec: per-domain IB tokens carry all cross-domain attention"),
 }
