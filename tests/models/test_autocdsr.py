@@ -4,6 +4,8 @@ target leak, and the IB mask (no direct cross-domain item attention, information
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import math
 
@@ -73,6 +75,21 @@ def test_cross_domain_mass_matches_a_loop_reference(seed):
     got = cross_domain_attention_mass(probs, domains, valid)
     assert got.dim() == 0
     assert got.item() == pytest.approx(_reference_mass(probs, domains, valid), rel=1e-5)
+    # the reference code's scale: per layer the mean over valid (query, key) cells and heads, summed over layers
+    cells = 0.0
+    for p in probs:
+        s = n = 0.0
+        for b in range(B):
+            for h in range(H):
+                for i in range(L):
+                    for j in range(L):
+                        if valid[b, i] and valid[b, j]:
+                            s += float(p[b, h, i, j]) * bool(domains[b, j] != domains[b, i])
+                            n += 1
+        cells += s / n
+    assert cross_domain_attention_mass(probs, domains, valid, "cell").item() == pytest.approx(cells, rel=1e-5)
+    with pytest.raises(ValueError, match="scale"):
+        cross_domain_attention_mass(probs, domains, valid, "key")
 
 
 def test_cross_domain_mass_is_zero_for_one_domain_and_positive_otherwise():
@@ -300,6 +317,15 @@ def test_ib_mass_objective():
     valid = torch.tensor([[True, False, True, True], [True, True, True, True]])
     want = sum(float(probs[0][b, h, 2 + i, :2].sum()) for b in range(2) for h in range(2) for i in range(4) if valid[b, i]) / (7 * 2)
     assert ib_attention_mass(probs, 2, valid).item() == pytest.approx(want, rel=1e-5)
+    assert ib_attention_mass(probs, 2, valid, "cell").item() == pytest.approx(want / 2, rel=1e-5)  # / n_ib keys
+    m = _model("autocdsr_plus").train()
+    cell = m.__class__(dataclasses.replace(m.cfg, cd_scale="cell"), m.vocab)
+    cell.load_state_dict(m.state_dict())
+    torch.manual_seed(0)
+    _, q_mass = m._objectives(_batch())
+    torch.manual_seed(0)
+    _, c_mass = cell.train()._objectives(_batch())
+    assert c_mass.item() == pytest.approx(q_mass.item() * len(m.encoder.blocks) / m.n_ib, rel=1e-4)
 
 
 def test_ib_fully_padded_history_has_no_nan():

@@ -45,6 +45,9 @@ Mode = Literal["pareto", "fixed"]
 class AutoCDSRSASRecConfig(SASRecConfig):
     mode: Mode = "pareto"  # pareto: MGDA step (strategy "pareto"); fixed: rec + alpha * cd
     alpha: float = 0.1  # weight of L_cd in fixed mode
+    # L_cd's scale: query (METHODS.md: mass per query, 0..1) or cell (the reference code's mean
+    # over the query x key block, summed over layers); see cross_domain_attention_mass
+    cd_scale: Literal["query", "cell"] = "query"
     # Robustness experiment (paper Section 5.5 / A.5): a seeded fraction of the catalogue carries a
     # wrong domain label wherever the model reads input domain labels (see _AutoCDSR.input_domains).
     label_noise: float = 0.0
@@ -55,6 +58,7 @@ class AutoCDSRSASRecConfig(SASRecConfig):
 class AutoCDSRBERT4RecConfig(BERT4RecConfig):
     mode: Mode = "pareto"
     alpha: float = 0.1
+    cd_scale: Literal["query", "cell"] = "query"
     label_noise: float = 0.0
     label_noise_seed: int = 0
 
@@ -86,13 +90,20 @@ def ib_attention_mask(token_domains: torch.Tensor, valid: torch.Tensor, n_ib: in
     return (allowed | torch.eye(T, dtype=torch.bool, device=valid.device)).unsqueeze(1)
 
 
-def ib_attention_mass(probs: list[torch.Tensor], n_ib: int, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid item queries, heads and layers of the attention mass on the IB tokens.
+def ib_attention_mass(probs: list[torch.Tensor], n_ib: int, valid: torch.Tensor, scale: str = "query") -> torch.Tensor:
+    """The attention mass of valid item queries on the IB tokens.
 
     probs: per layer [B, h, T, T] over tokens [IB (n_ib)..., items (L)...]; valid [B, L] (items).
+    ``scale``: ``query``: the mean over queries, heads and layers of the mass (in [0, 1]);
+    ``cell`` (the reference code's): per layer the mean over the query x IB-token cells and
+    heads, summed over layers (the per-query mass x layers / n_ib).
     """
+    if scale not in ("query", "cell"):
+        raise ValueError(f"scale must be query or cell, not {scale!r}")
     q = valid.float()
     total = sum((p[:, :, n_ib:, :n_ib].float().sum(-1).sum(1) * q).sum() for p in probs)
+    if scale == "cell":
+        return total / (q.sum() * n_ib * probs[0].shape[1]).clamp_min(1)
     return total / (q.sum() * probs[0].shape[1] * len(probs)).clamp_min(1)
 
 
@@ -180,7 +191,7 @@ class AutoCDSRSASRec(_AutoCDSR, SASRec):
         valid = batch["mask"] & (batch["targets"] > 0)
         rec = self._rec_loss(h[valid], batch["targets"][valid], batch["target_domains"][valid])
         return rec, cross_domain_attention_mass(probs, self.input_domains(batch["items"], batch["domains"]),
-                                                batch["mask"])
+                                                batch["mask"], self.cfg.cd_scale)
 
 
 class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
@@ -205,7 +216,7 @@ class AutoCDSRBERT4Rec(_AutoCDSR, BERT4Rec):
         return rec, self._aux_mass(probs, self.input_domains(items, domains), mask)
 
     def _aux_mass(self, probs, domains, mask):
-        return cross_domain_attention_mass(probs, domains, mask)
+        return cross_domain_attention_mass(probs, domains, mask, self.cfg.cd_scale)
 
 
 class AutoCDSRPlus(AutoCDSRBERT4Rec):
@@ -264,4 +275,4 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
 
     def _aux_mass(self, probs, domains, mask):
         """AutoCDSR+'s objective: the attention mass of item queries onto the IB tokens."""
-        return ib_attention_mass(probs, self.n_ib, mask)
+        return ib_attention_mass(probs, self.n_ib, mask, self.cfg.cd_scale)

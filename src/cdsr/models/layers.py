@@ -360,18 +360,27 @@ def sampled_softmax_loss(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor
     return total / n
 
 
-def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor,
+                                scale: str = "query") -> torch.Tensor:
     """AutoCDSR's L_cd (METHODS.md): the attention mass that valid queries put on valid keys of
-    another domain, averaged over valid queries, heads and layers.
+    another domain.
 
     probs: per layer [B, h, L, L] (after softmax, before dropout, under the model's own mask);
-    domains / valid [B, L]. For query i: c_i = sum_j [valid_j and dom_j != dom_i] P_ij. Returns a
-    scalar (0 when no valid query exists). Differentiable in ``probs``.
+    domains / valid [B, L]. For query i: c_i = sum_j [valid_j and dom_j != dom_i] P_ij.
+    ``scale``: ``query`` (the spec): the mean of c_i over valid queries, heads and layers, a mass
+    in [0, 1]; ``cell`` (the reference code's): per layer the mean of P_ij [dom_j != dom_i] over
+    the (valid query, valid key) cells of the block and the heads, summed over layers, i.e. about
+    the per-query mass / the number of keys. Returns a scalar (0 when no valid query exists).
+    Differentiable in ``probs``.
     """
+    if scale not in ("query", "cell"):
+        raise ValueError(f"scale must be query or cell, not {scale!r}")
     cross = ((domains[:, :, None] != domains[:, None, :]) & valid[:, None, :]).unsqueeze(1)  # [B, 1, Lq, Lk]
     q = valid.float()
     # float32 elementwise product + sum (not autocast-lowered), so bf16 probs lose no precision
     total = sum(((p.float() * cross).sum(-1).sum(1) * q).sum() for p in probs)
+    if scale == "cell":
+        return total / (q.sum(1).square().sum() * probs[0].shape[1]).clamp_min(1)
     return total / (q.sum() * probs[0].shape[1] * len(probs)).clamp_min(1)
 
 
