@@ -20,11 +20,10 @@ from pathlib import Path
 
 import cdsr  # noqa: F401
 from cdsr.config import load_params
+from cdsr.leaderboard import PUBLISHED
 from cdsr.train.run import apply_overrides, hardware, train_run
 
-# EVALUATION.md: ABXI official code, README v2.1, mean of 5 seeds, sampled-999
-ABXI = {"Grocery_and_Gourmet_Food": {"HR@5": 0.2519, "HR@10": 0.3243, "NDCG@10": 0.1971, "MRR": 0.1655},
-        "Home_and_Kitchen": {"HR@5": 0.1745, "HR@10": 0.2438, "NDCG@10": 0.1427, "MRR": 0.1219}}
+ABXI = PUBLISHED["amazon-food-kitchen-benchmark"]["domains"]  # official code README v2.1, 5 seeds, sampled-999
 COLS = ("HR@5", "HR@10", "NDCG@10", "MRR")
 
 

@@ -304,19 +304,23 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default reports/<dataset>)."),
     params: Optional[Path] = PARAMS,
     log_mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Also log the report to MLflow."),
+    runs: list[Path] = typer.Option([], "--runs", help="Also a leaderboard of every run directory under these paths (repeatable)."),
+    tuned_dir: Path = typer.Option(Path("tuned"), "--tuned-dir", help="Where `cdsr tune` wrote its studies' results."),
 ) -> None:
-    """One HTML page (+ PNG plots) comparing the benchmarked methods of a dataset."""
+    """One HTML page (+ PNG plots) comparing the benchmarked methods of a dataset (and, with --runs, the leaderboard)."""
     import datetime
 
     _safe_name(dataset)
+    from cdsr.leaderboard import build
     from cdsr.report import report_files, write_report
 
     out = out or Path("reports") / dataset
     ctx = {"generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "commands": ["dvc repro", " ".join(["cdsr"] + sys.argv[1:])]}
     try:
-        html = write_report(dataset, metrics_dir / dataset, out, ctx)
-    except FileNotFoundError as exc:
+        html = write_report(dataset, metrics_dir / dataset, out, ctx,
+                            leaderboard=build(runs, dataset, tuned_dir) if runs else None)
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     if log_mlflow:
         import mlflow
@@ -331,6 +335,28 @@ def report(
             for f in report_files(out):
                 mlflow.log_artifact(str(f), "report")
     typer.echo(f"report: {html}")
+
+
+@app.command("leaderboard")
+def leaderboard(
+    dataset: str = DATASET,
+    runs: list[Path] = typer.Option([Path("runs")], "--runs", help="Run directories to search for metrics.json (repeatable)."),
+    tuned_dir: Path = typer.Option(Path("tuned"), "--tuned-dir", help="Where `cdsr tune` wrote its studies' results."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown here."),
+) -> None:
+    """Every trained configuration of a dataset over its seeds (mean ± sd per domain), with the
+    published best and the tuning studies, as markdown."""
+    from cdsr.leaderboard import build, markdown
+
+    _safe_name(dataset)
+    _output_file(out)
+    try:
+        text = markdown(build(runs, dataset, tuned_dir))
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 analyze_app = typer.Typer(help="Analyses over sets of runs.", no_args_is_help=True)

@@ -488,7 +488,8 @@ def report_files(out_dir: Path) -> list[Path]:
     return ([html] if html.is_file() else []) + report_figures(out_dir)
 
 
-def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict | None = None) -> Path:
+def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict | None = None,
+                 leaderboard: dict | None = None) -> Path:
     """Read every metrics_dir/<method>.json, write out_dir/index.html plus PNG plots in out_dir
     (relative <img> links), return the html path. Raise FileNotFoundError naming metrics_dir when it
     has no *.json.
@@ -496,7 +497,7 @@ def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict |
     ``context`` (optional): ``"commands"`` (str or list: how to reproduce; default ``dvc repro`` and
     ``cdsr report --dataset <dataset>``), ``"generated"`` (the only timestamp on the page); any other
     keys are listed in the header as they are. All files are written directly in ``out_dir``; see
-    ``report_files``.
+    ``report_files``. ``leaderboard`` (:func:`cdsr.leaderboard.build`): adds its tables.
     """
     methods, warnings = load_metrics(Path(metrics_dir))
     context = dict(context or {})
@@ -529,6 +530,7 @@ def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict |
                        "missing": [m for m in methods if m not in rob],
                        "table": _robustness_table(methods, rob) if rob else None},
         "buckets": _bucket_table(methods),
+        "leaderboard": _leaderboard(leaderboard),
         "metric": CURVE_METRIC,
         "NA": NA,
     }
@@ -536,6 +538,14 @@ def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict |
     path = out_dir / HTML_NAME
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _leaderboard(lb: dict | None) -> dict | None:
+    if lb is None:
+        return None
+    from cdsr.leaderboard import tables
+
+    return {"tables": tables(lb), "studies": lb["studies"]}
 
 
 def _template():
@@ -681,6 +691,32 @@ Table: relative drop of {{ metric }} against clean, in percent.</p>
 </table>
 {% else %}
 <p class="na">{{ NA }} (no method has robustness results)</p>
+{% endif %}
+
+{% if leaderboard %}
+<h2 id="leaderboard">Leaderboard</h2>
+<p class="note">Every trained configuration found under the given run directories: mean ± sample standard deviation
+over seeds, per target domain, on test; wall time per run and parameter count.</p>
+{% for t in leaderboard.tables %}
+<h3>Protocol: {{ t.protocol }}</h3>
+<table class="leaderboard">
+<tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for r in t.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="num"{% endif %}>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}
+</table>
+{% else %}
+<p class="na">{{ NA }} (no finished runs of this dataset)</p>
+{% endfor %}
+{% if leaderboard.studies %}
+<h3>Tuning studies</h3>
+<table id="studies">
+<tr><th>model</th><th>complete</th><th>pruned</th><th>failed</th><th>best value</th><th>best trial</th><th>wall s</th></tr>
+{% for s in leaderboard.studies %}
+<tr><td>{{ s.model }}</td><td class="num">{{ s.complete }}</td><td class="num">{{ s.pruned }}</td><td class="num">{{ s.failed }}</td>
+<td class="num">{{ "%.4f" | format(s.best_value) }}</td><td class="num">{{ s.best_trial }}</td><td class="num">{{ s.wall_seconds if s.wall_seconds is not none else NA }}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
 {% endif %}
 
 <h2 id="buckets">History-length buckets</h2>

@@ -396,8 +396,11 @@ def write_best(study, dataset: str, model: str, cfg: TuneConfig, space: dict[str
         bt = study.best_trial
     except ValueError as exc:
         raise RuntimeError(f"study {study.study_name}: no trial completed ({states})") from exc
+    # wall time: the sum of the finished trials' durations (CPU time of the study across workers)
+    wall = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.get_trials(deepcopy=False)
+               if t.datetime_start is not None and t.datetime_complete is not None)
     best = {"study": study.study_name, "trial": bt.number, "value": bt.value, "params": decode(bt.params, space or {}),
-            "run_dir": bt.user_attrs.get("run_dir"), "trials": states}
+            "run_dir": bt.user_attrs.get("run_dir"), "trials": states, "wall_seconds": round(wall, 1)}
     dest = Path(cfg.tuned_dir) / dataset / f"{model}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(best, indent=2) + "\n")

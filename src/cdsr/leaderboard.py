@@ -1,0 +1,146 @@
+"""The leaderboard: every trained configuration of a dataset, over its seeds, beside the best
+published numbers (`cdsr leaderboard`, and the leaderboard section of `cdsr report --runs`).
+
+Sources are run directories (``metrics.json`` written by ``cdsr train`` / the quality and study
+scripts) found under the given roots. Runs are grouped by their directory name without the seed
+suffix (``abxi-fast-s1`` -> ``abxi-fast``, ``sasrec-merged-s2`` -> ``sasrec-merged``); a group
+also has to agree on dataset, model and variant, so a name reused for another model is refused
+rather than averaged. For each group and protocol: the mean and sample standard deviation over
+seeds of each metric per target domain, the seeds, the epochs run, the wall time per run and the
+parameter count. Tuning studies (``tuned/<dataset>/<model>.json`` written by ``cdsr tune``) are
+listed with their trial counts, best validation value and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+# ABXI's published Food-Kitchen numbers (official code README v2.1, mean of 5 seeds, sampled-999
+# with negatives redrawn per evaluation and ties in the target's favour; EVALUATION.md).
+PUBLISHED = {
+    "amazon-food-kitchen-benchmark": {
+        "name": "ABXI (published, 5 seeds)", "protocol": "sampled-999",
+        "domains": {"Grocery_and_Gourmet_Food": {"HR@5": 0.2519, "HR@10": 0.3243, "NDCG@10": 0.1971, "MRR": 0.1655},
+                    "Home_and_Kitchen": {"HR@5": 0.1745, "HR@10": 0.2438, "NDCG@10": 0.1427, "MRR": 0.1219}},
+    },
+}
+METRICS = ("HR@10", "NDCG@10", "MRR")
+PROTOCOLS = ("full", "sampled-999", "sampled-100")
+_SEED = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
+
+
+def _stats(xs: list[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None}
+
+
+def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
+    """The groups of finished runs of ``dataset`` under ``roots`` (see the module docstring)."""
+    found: dict[str, list[tuple[int, dict]]] = {}
+    for root in map(Path, roots):
+        for f in sorted(root.rglob("metrics.json")):
+            m = _read(f)
+            if m is None or m.get("dataset") != dataset or "protocols" not in m:
+                continue
+            hit = _SEED.match(f.parent.name)
+            name, seed = (hit["name"], int(hit["seed"])) if hit else (f.parent.name, int(m.get("seed", 0)))
+            found.setdefault(name, []).append((seed, m))
+    groups = []
+    for name, runs in sorted(found.items()):
+        runs.sort(key=lambda r: r[0])
+        kinds = {(m["model"], m["variant"]) for _, m in runs}
+        if len(kinds) > 1:
+            raise ValueError(f"runs named {name!r} are of different models/variants {sorted(kinds)}: rename one")
+        model, variant = kinds.pop()
+        protos = {}
+        for p in PROTOCOLS:
+            have = [m["protocols"][p] for _, m in runs if p in m["protocols"]]
+            if len(have) != len(runs):
+                continue
+            domains = {d: {k: _stats([h["domains"][d][k] for h in have]) for k in ("HR@5", *METRICS)}
+                       for d in have[0]["domains"] if all(d in h["domains"] for h in have)}
+            protos[p] = domains
+        groups.append({
+            "name": name, "model": model, "variant": variant, "seeds": [s for s, _ in runs],
+            "parameters": runs[0][1].get("parameters"),
+            "seconds": _stats([float(m.get("seconds", float("nan"))) for _, m in runs]),
+            "epochs": [sum(int(v.get("epochs_run", 0)) for v in m.get("fit", {}).values()) for _, m in runs],
+            "protocols": protos,
+        })
+    return groups
+
+
+def _read(f: Path) -> dict | None:
+    try:
+        m = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def studies(tuned_dir: Path, dataset: str) -> list[dict[str, Any]]:
+    """``cdsr tune``'s result per model of ``dataset``: trials by state, best value, wall time."""
+    out = []
+    for f in sorted((Path(tuned_dir) / dataset).glob("*.json")):
+        b = _read(f)
+        if b is None or "value" not in b:
+            continue
+        t = b.get("trials", {})
+        out.append({"model": f.stem, "complete": t.get("COMPLETE", 0), "pruned": t.get("PRUNED", 0),
+                    "failed": t.get("FAIL", 0), "best_value": b["value"], "best_trial": b.get("trial"),
+                    "wall_seconds": b.get("wall_seconds"), "params": b.get("params", {})})
+    return out
+
+
+def build(roots: list[Path], dataset: str, tuned_dir: Path = Path("tuned")) -> dict[str, Any]:
+    return {"dataset": dataset, "groups": collect(roots, dataset), "published": PUBLISHED.get(dataset),
+            "studies": studies(tuned_dir, dataset)}
+
+
+def _cell(s: dict[str, float | None]) -> str:
+    return f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s["sd"] is not None else "")
+
+
+def tables(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: tuple[str, ...] = METRICS
+           ) -> list[dict[str, Any]]:
+    """Per protocol ``{"protocol", "columns", "rows": [[cell, ...]]}`` (the published row last),
+    for the markdown and HTML renderings."""
+    out = []
+    for p in protocols:
+        rows = [g for g in lb["groups"] if p in g["protocols"]]
+        pub = lb["published"] if lb["published"] and lb["published"]["protocol"] == p else None
+        if not rows and not pub:
+            continue
+        domains = list(rows[0]["protocols"][p]) if rows else list(pub["domains"])
+        t = {"protocol": p, "columns": ["run", "seeds", "epochs", "s / run", "params"]
+             + [f"{d} {k}" for d in domains for k in metrics], "rows": []}
+        for g in rows:
+            cells = [_cell(g["protocols"][p][d][k]) if d in g["protocols"][p] else "n/a" for d in domains for k in metrics]
+            t["rows"].append([g["name"], ",".join(map(str, g["seeds"])), ",".join(map(str, g["epochs"])),
+                              f"{g['seconds']['mean']:.0f}", str(g["parameters"] or "n/a"), *cells])
+        if pub:
+            t["rows"].append([pub["name"], "", "", "", "", *(f"{pub['domains'][d][k]:.4f}" if d in pub["domains"]
+                                                            else "n/a" for d in domains for k in metrics)])
+        out.append(t)
+    return out
+
+
+def markdown(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: tuple[str, ...] = METRICS) -> str:
+    """Markdown tables: one per protocol (groups x domain metrics), then the studies."""
+    out = []
+    for t in tables(lb, protocols, metrics):
+        out += [f"#### {t['protocol']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+        out += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+        out.append("")
+    if lb["studies"]:
+        out += ["#### Tuning studies", "", "| model | complete | pruned | failed | best value | best trial | wall s |",
+                "|---|---|---|---|---|---|---|"]
+        for s in lb["studies"]:
+            wall = f"{s['wall_seconds']:.0f}" if s["wall_seconds"] is not None else "n/a"
+            out.append(f"| {s['model']} | {s['complete']} | {s['pruned']} | {s['failed']} | {s['best_value']:.4f} | "
+                       f"{s['best_trial']} | {wall} |")
+        out.append("")
+    return "\n".join(out) if out else "no finished runs of this dataset found"

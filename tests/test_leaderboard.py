@@ -1,0 +1,87 @@
+"""The leaderboard (cdsr.leaderboard, `cdsr leaderboard`, `cdsr report --runs`) on hand-written runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from test_report import _full, _protocol, _write
+from typer.testing import CliRunner
+
+from cdsr.cli import app
+from cdsr.leaderboard import build, collect, markdown
+from cdsr.report import write_report
+
+runner = CliRunner()
+
+
+def _run(root: Path, name: str, base: float, model: str = "sasrec", dataset: str = "synthetic", seconds: float = 10.0):
+    d = root / name
+    d.mkdir(parents=True)
+    m = _full("x", model, "merged", base)
+    m.update(dataset=dataset, seconds=seconds,
+             protocols={**m["protocols"], "sampled-100": _protocol("sampled-100", base * 3, auc=True)})
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    _run(root / "a", "fast-s1", 0.10, seconds=10)
+    _run(root / "a", "fast-s2", 0.12, seconds=14)
+    _run(root / "b" / "deep", "fast-s3", 0.11, seconds=12)  # same group, found in another root's subfolder
+    _run(root / "a", "hstu-merged-s1", 0.05, model="hstu")
+    _run(root / "a", "other-data-s1", 0.9, dataset="elsewhere")  # another dataset: left out
+    (root / "a" / "broken-s1").mkdir()
+    (root / "a" / "broken-s1" / "metrics.json").write_text("{half")  # unreadable: left out
+    return root
+
+
+def test_groups_over_seeds_by_hand(runs):
+    groups = {g["name"]: g for g in collect([runs], "synthetic")}
+    assert sorted(groups) == ["fast", "hstu-merged"]
+    g = groups["fast"]
+    assert g["seeds"] == [1, 2, 3] and g["model"] == "sasrec" and g["epochs"] == [3, 3, 3] and g["parameters"] == 312000
+    xs = [0.10 * 1.2 * 1.5, 0.12 * 1.2 * 1.5, 0.11 * 1.2 * 1.5]  # Books HR@10 of the three seeds under full
+    got = g["protocols"]["full"]["Books"]["HR@10"]
+    assert got["mean"] == pytest.approx(statistics.fmean(xs)) and got["sd"] == pytest.approx(statistics.stdev(xs))
+    assert g["seconds"]["mean"] == pytest.approx(12.0)
+    assert groups["hstu-merged"]["protocols"]["full"]["Books"]["MRR"]["sd"] is None  # one seed: no sd
+
+
+def test_a_name_reused_for_another_model_is_refused(runs):
+    _run(runs / "c", "fast-s9", 0.1, model="hstu")
+    with pytest.raises(ValueError, match="'fast' are of different models"):
+        collect([runs], "synthetic")
+
+
+def test_published_row_and_studies(tmp_path, runs):
+    tuned = tmp_path / "tuned" / "amazon-food-kitchen-benchmark"
+    tuned.mkdir(parents=True)
+    (tuned / "abxi.json").write_text(json.dumps({"value": 0.3012, "trial": 4, "wall_seconds": 1234.5, "params": {},
+                                                 "trials": {"COMPLETE": 5, "PRUNED": 7, "FAIL": 0}}))
+    lb = build([runs], "amazon-food-kitchen-benchmark", tmp_path / "tuned")
+    text = markdown(lb)
+    assert "| ABXI (published, 5 seeds) |" in text and "0.3243" in text and "0.1219" in text
+    assert "| abxi | 5 | 7 | 0 | 0.3012 | 4 | 1234 |" in text
+    lb = build([runs], "synthetic", tmp_path / "tuned")
+    text = markdown(lb)
+    assert "ABXI" not in text and "#### sampled-100" in text
+    assert f"| fast | 1,2,3 | 3,3,3 | 12 | 312000 | {0.11 * 1.2 * 1.5:.4f} ± " in text
+
+
+def test_cli_and_report(tmp_path, runs):
+    res = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(runs), "--tuned-dir",
+                              str(tmp_path / "none"), "--out", str(tmp_path / "lb.md")])
+    assert res.exit_code == 0, res.output
+    assert "| fast | 1,2,3 |" in (tmp_path / "lb.md").read_text()
+    empty = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(tmp_path / "nothing")])
+    assert empty.exit_code == 0 and "no finished runs" in empty.output
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    _write(metrics_dir, "sasrec", _full("sasrec", "sasrec", "merged", 0.1))
+    html = write_report("synthetic", metrics_dir, tmp_path / "rep", leaderboard=build([runs], "synthetic")).read_text()
+    assert 'id="leaderboard"' in html and "<td>hstu-merged</td>" in html
+    assert 'id="leaderboard"' not in write_report("synthetic", metrics_dir, tmp_path / "rep2").read_text()
