@@ -17,14 +17,18 @@ from cdsr.tune import TuneConfig, tune
 
 @task(name="optuna-study", task_run_name="{dataset}:{model}:study")
 def study(dataset: str, model: str, params_path: str | None, trials: int | None, storage: str | None, worker: int,
-          data_root: str) -> dict:
+          data_root: str, preset: str | None = None) -> dict:
     params = load_params(params_path)
     cfg = from_dict(TuneConfig, params.get("tune"), "tune")
-    return tune(dataset, model, params, cfg, trials=trials, storage=storage, worker=worker, data_root=data_root)
+    return tune(dataset, None if preset else model, params, cfg, trials=trials, storage=storage, worker=worker,
+                data_root=data_root, preset=preset)
 
 
 @flow(name="tune", flow_run_name="tune-{dataset}")
 def tune_flow(dataset: str, models: list[str], params_path: str | None = None, trials: int | None = None,
-              storage: str | None = None, worker: int = 0, data_root: str = "data") -> dict[str, dict]:
-    """One study per model, in turn (each trial already uses the machine's cores)."""
-    return {m: study(dataset, m, params_path, trials, storage, worker, data_root) for m in models}
+              storage: str | None = None, worker: int = 0, data_root: str = "data",
+              presets: list[str] | None = None) -> dict[str, dict]:
+    """One study per model and per preset, in turn (each trial already uses the machine's cores)."""
+    out = {m: study(dataset, m, params_path, trials, storage, worker, data_root) for m in models}
+    out.update({p: study(dataset, p, params_path, trials, storage, worker, data_root, preset=p) for p in presets or []})
+    return out

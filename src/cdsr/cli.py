@@ -249,20 +249,24 @@ def benchmark(
 @app.command("tune")
 def tune(
     dataset: str = DATASET,
-    model: list[str] = typer.Option(..., "--model", "-m", help="Model(s) to tune (one study each)."),
+    model: list[str] = typer.Option([], "--model", "-m", help="Model(s) to tune (one study each)."),
+    preset: list[str] = typer.Option([], "--preset", help="Preset(s) to tune from (one study each, named after the preset)."),
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Finished trials the study should reach (default tune.trials)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default tune.storage: sqlite:///optuna.db)."),
     worker: int = typer.Option(0, "--worker", help="Worker index when several workers share a study (seeds its sampler)."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
 ) -> None:
-    """Prefect tune flow: an Optuna study per model (TPE, median pruning, persistent, resumable)."""
+    """Prefect tune flow: an Optuna study per model or preset (TPE, Hyperband pruning by default, persistent, resumable)."""
     _declared(dataset, params)
+    if not model and not preset:
+        _fail("give --model and/or --preset")
     _flows()
     from flows.tune import tune_flow
 
     try:
-        res = tune_flow(dataset, list(model), str(params) if params else None, trials, storage, worker, str(root))
+        res = tune_flow(dataset, list(model), str(params) if params else None, trials, storage, worker, str(root),
+                        presets=list(preset))
     except ConfigError as exc:
         _fail(str(exc))
     for m, best in res.items():

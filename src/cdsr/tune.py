@@ -276,21 +276,35 @@ def _first_use(fn, url: str, attempts: int = 5):
             time.sleep(0.5 * (i + 1))
 
 
-def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
-         storage: str | None = None, worker: int = 0, data_root: str | Path = "data") -> dict[str, Any]:
-    """Run trials until the study has ``trials`` finished ones; write and return the best."""
+def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
+         storage: str | None = None, worker: int = 0, data_root: str | Path = "data",
+         preset: str | None = None) -> dict[str, Any]:
+    """Run trials until the study has ``trials`` finished ones; write and return the best.
+
+    ``preset`` (params.yaml ``presets:``): the trials start from the preset's settings (its model,
+    regime and selection metric) instead of params.yaml's; the study, its runs and its result
+    are named after the preset (``<dataset>/<preset>``, ``tuned/<dataset>/<preset>.json``); the
+    search space is ``tune.search_space.<preset>`` if declared, else the model's."""
     import mlflow
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     check_dataset_name(dataset)
-    space = cfg.search_space.get(model)
+    if preset is not None:
+        from cdsr.presets import expand
+
+        model, sets = expand(params, preset, model)
+        params = apply_overrides(params, model, sets)
+    elif model is None:
+        raise ConfigError("tune needs a model or a preset")
+    name = preset or model
+    space = cfg.search_space.get(name) or cfg.search_space.get(model)
     if not space:
         raise ConfigError(f"tune.search_space has no entry for model '{model}'")
-    check_space(model, space)
+    check_space(name, space)
     total = trials if trials is not None else cfg.trials
-    study = _first_use(lambda: open_study(dataset, model, cfg, worker, storage), storage_url(storage or cfg.storage))
+    study = _first_use(lambda: open_study(dataset, name, cfg, worker, storage), storage_url(storage or cfg.storage))
     tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
     experiment = _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
     reap(study, experiment)
@@ -298,7 +312,7 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
     from cdsr.train.loop import TrainConfig
 
     from_dict(TrainConfig, params.get("train"), "train")  # a config error before the study is opened
-    runs = Path(cfg.runs_dir) / dataset / model
+    runs = Path(cfg.runs_dir) / dataset / name
 
     def objective(trial) -> float:
         chosen = suggest(trial, space)
@@ -319,7 +333,7 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
         p = apply_overrides(params, model, as_overrides(chosen))
         # not `with start_run()`: it ends a run left by an exception as FAILED, and a pruned trial did not fail
         mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
-                         tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial",
+                         tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial", "preset": preset or "",
                                "optuna.study": study.study_name, "optuna.trial": str(trial.number),
                                **tracking.owner_tags()})
         status = "FAILED"
@@ -354,14 +368,14 @@ def tune(dataset: str, model: str, params: dict[str, Any], cfg: TuneConfig, tria
 
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
-    with mlflow.start_run(run_name=f"tune/{dataset}/{model}",
-                          tags={"dataset": dataset, "model": model, "cdsr.kind": "tune",
+    with mlflow.start_run(run_name=f"tune/{dataset}/{name}",
+                          tags={"dataset": dataset, "model": model, "cdsr.kind": "tune", "preset": preset or "",
                                 "optuna.study": study.study_name, "optuna.worker": str(worker),
                                 **tracking.owner_tags()}):
         if done < total:
             study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=finished)],
                            timeout=cfg.timeout, catch=(), gc_after_trial=True)
-        best = write_best(study, dataset, model, cfg, space)
+        best = write_best(study, dataset, name, cfg, space)
         mlflow.log_metric("best_value", best["value"])
         mlflow.log_dict(best, "best.json")
     if not cfg.keep_trial_runs:

@@ -485,3 +485,23 @@ def test_list_valued_choices_are_suggested_as_text_and_read_back():
         seen.add(tuple(v["model.gca_layers"]))
         study.tell(trial, 0.0)
     assert len(seen) == 3
+
+
+def test_a_study_from_a_preset(tmp_path, tiny_root, mlflow_store):
+    import optuna
+
+    params = make_params(tmp_path, "tune-preset", space={"train.lr": {"choices": [0.005]}})
+    params["tune"]["search_space"]["fast-sas"] = {"model.dropout": {"choices": [0.0, 0.3]}}
+    params["presets"] = {"fast-sas": {"model": "sasrec", "set": ["train.val_metric=MRR", "train.val_aggregate=sum",
+                                                                  "train.lr=0.004"]}}
+    best = tune("t", None, params, tune_cfg(params), trials=1, data_root=tiny_root, preset="fast-sas")
+    assert best["study"] == "t/fast-sas" and Path(best["path"]) == tmp_path / "tuned" / "t" / "fast-sas.json"
+    assert set(best["params"]) == {"model.dropout"}  # the preset's own space
+    cfg = json.loads((Path(best["run_dir"]) / "config.json").read_text())
+    assert cfg["train"]["lr"] == 0.004 and cfg["train"]["val_aggregate"] == "sum"  # trials start from the preset
+    m = json.loads((Path(best["run_dir"]) / "metrics.json").read_text())
+    assert best["value"] == pytest.approx(sum(v["MRR"] for v in m["validation"]["domains"].values()))
+    assert best["wall_seconds"] > 0
+    optuna.load_study(study_name="t/fast-sas", storage=params["tune"]["storage"])
+    with pytest.raises(ConfigError, match="not 'hstu'"):
+        tune("t", "hstu", params, tune_cfg(params), trials=1, data_root=tiny_root, preset="fast-sas")
