@@ -136,19 +136,25 @@ def data_list(params: Optional[Path] = PARAMS, root: Path = ROOT) -> None:
 
 
 @app.command("models")
-def models_list(params: Optional[Path] = PARAMS) -> None:
-    """List the registered models (name first) and their variants, then the presets of params.yaml."""
+def models_list() -> None:
+    """List the registered models (name first) and their variants."""
     from cdsr.models.registry import MODELS
-    from cdsr.presets import presets
 
     for name, spec in MODELS.items():
         typer.echo(f"{name:12s} variants: {', '.join(spec.variants):16s} {spec.description}")
+
+
+@app.command("presets")
+def presets_list(params: Optional[Path] = PARAMS) -> None:
+    """List the named presets of params.yaml (name first): `cdsr train --preset NAME`."""
+    from cdsr.presets import presets
+
     try:
         known = presets(load_params(params))
     except ConfigError as exc:
         _fail(str(exc))
     for name, pr in known.items():
-        typer.echo(f"preset {name} (model {pr.model}): {pr.description}")
+        typer.echo(f"{name:16s} model {pr.model:10s} {pr.description}")
 
 
 @app.command("train")

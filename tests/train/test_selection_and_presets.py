@@ -112,5 +112,6 @@ def test_train_by_preset_name(tmp_path, tiny_root, tiny_params, in_root):
     assert bad.exit_code == 1 and "not 'hstu'" in bad.output
     none = runner.invoke(app, ["train", "--dataset", "t", "--params", str(tiny_params), "--root", str(tiny_root)])
     assert none.exit_code == 1 and "--model or --preset" in none.output
-    listed = runner.invoke(app, ["models", "--params", str(tiny_params)])
-    assert "preset tiny-sas (model sasrec)" in listed.output
+    listed = runner.invoke(app, ["presets", "--params", str(tiny_params)])
+    assert listed.exit_code == 0 and listed.output.split()[:4] == ["tiny-sas", "model", "sasrec", "test"]
+    assert "preset" not in runner.invoke(app, ["models"]).output  # `cdsr models` lists models only
