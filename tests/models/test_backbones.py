@@ -99,3 +99,42 @@ def test_sasrec_loss_options_and_domain_restricted_softmax():
     want = sum(torch.nn.functional.cross_entropy((h[k] @ emb[lo:hi + 1].T)[None], (tg[k] - lo)[None])
                for k, (lo, hi) in enumerate([VOCAB.domain_ranges[int(d)] for d in td])) / 5
     assert torch.allclose(domain_softmax_loss(h, tg, td, emb, VOCAB.domain_ranges), want, atol=1e-5)
+
+
+def test_sasrec_temperature_and_negatives_from_every_domain(monkeypatch):
+    import cdsr.models.sasrec as S
+
+    b = _batch()
+    base = {"d": 16, "max_len": 12, "dropout": 0.0}
+
+    def loss(**extra):
+        torch.manual_seed(0)
+        m = build_model("sasrec", model_config("sasrec", {**base, **extra}, "merged"), VOCAB)
+        torch.manual_seed(1)  # the same negatives
+        return m.loss(b)["loss"], m
+
+    ce1, m = loss(loss="ce")
+    ce2, _ = loss(loss="ce", temperature=0.5)
+    h, _ = m.encode(b)
+    valid = b["mask"] & (b["targets"] > 0)
+    from cdsr.models.layers import domain_softmax_loss
+
+    want = domain_softmax_loss(h[valid] / 0.5, b["targets"][valid], b["target_domains"][valid], m.item_emb.weight,
+                               VOCAB.domain_ranges)
+    assert torch.allclose(ce2, want, atol=1e-5) and not torch.allclose(ce1, ce2)
+    seen = {}
+    real = S.sampled_softmax_loss
+
+    def spy(q, table, pos, neg, scale=1.0, **kw):
+        seen["neg"], seen["scale"] = neg, scale
+        return real(q, table, pos, neg, scale, **kw)
+
+    monkeypatch.setattr(S, "sampled_softmax_loss", spy)
+    loss(loss="sampled", n_negatives=5, temperature=0.75, negatives_from="all")
+    neg = seen["neg"]
+    assert neg.shape[1] == 10 and seen["scale"] == pytest.approx(1 / 0.75)
+    assert bool(((neg[:, :5] >= 1) & (neg[:, :5] <= 30)).all()) and bool(((neg[:, 5:] >= 31) & (neg[:, 5:] <= 60)).all())
+    loss(loss="sampled", n_negatives=5)
+    assert seen["neg"].shape[1] == 5 and seen["scale"] == 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        model_config("sasrec", {"temperature": 0.0}, "merged")

@@ -42,7 +42,15 @@ class SASRecConfig:
     max_len: int = 50
     use_domain_emb: bool = True  # merged variant; the single-domain variant turns it off
     loss: Literal["ce", "sampled", "bce"] = "ce"
-    n_negatives: int = 128  # for loss: sampled
+    n_negatives: int = 128  # for loss: sampled (per domain when negatives_from: all)
+    # logits = q . e / temperature for ce and sampled (ABXI's InfoNCE: 0.75)
+    temperature: float = 1.0
+    # sampled negatives from the target's domain, or n_negatives from every domain (ABXI's draw)
+    negatives_from: Literal["target", "all"] = "target"
+
+    def __post_init__(self):
+        if not self.temperature > 0 or self.n_negatives < 1:
+            raise ValueError(f"{type(self).__name__}: temperature > 0 and n_negatives >= 1 are required")
 
 
 class SASRec(SeqRecModel):
@@ -81,12 +89,17 @@ class SASRec(SeqRecModel):
         return {"loss": self._rec_loss(q, tgt, tdom)}
 
     def _rec_loss(self, q: torch.Tensor, tgt: torch.Tensor, tdom: torch.Tensor) -> torch.Tensor:
+        t = self.cfg.temperature
         if self.cfg.loss == "ce":
-            return domain_softmax_loss(q, tgt, tdom, self.item_emb.weight, self.vocab.domain_ranges)
+            return domain_softmax_loss(q / t if t != 1.0 else q, tgt, tdom, self.item_emb.weight, self.vocab.domain_ranges)
         k = 1 if self.cfg.loss == "bce" else self.cfg.n_negatives
-        neg = sample_domain_negatives(tdom, self.dom_lo, self.dom_size, k)
+        if self.cfg.loss == "sampled" and self.cfg.negatives_from == "all":
+            neg = torch.cat([sample_domain_negatives(torch.full_like(tdom, a), self.dom_lo, self.dom_size, k)
+                             for a in range(self.vocab.n_domains)], 1)
+        else:
+            neg = sample_domain_negatives(tdom, self.dom_lo, self.dom_size, k)
         if self.cfg.loss == "sampled":  # a negative equal to the positive is masked
-            return sampled_softmax_loss(q, self.item_emb.weight, tgt, neg)
+            return sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / t)
         pos_s = (q * self.item_emb(tgt)).sum(-1)
         neg_s = (q * self.item_emb(neg[:, 0])).sum(-1)
         return F.binary_cross_entropy_with_logits(pos_s, torch.ones_like(pos_s)) + \
