@@ -157,6 +157,31 @@ def presets_list(params: Optional[Path] = PARAMS) -> None:
         typer.echo(f"{name:16s} model {pr.model:10s} {pr.description}")
 
 
+def _progress_log() -> None:
+    """One line per epoch on stderr (loss, validation value, best so far) from the training loop,
+    so that a long run's log shows where it is."""
+    import logging
+
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _):
+            pass
+
+    log = logging.getLogger("cdsr.train.loop")
+    if not log.handlers:
+        h = CurrentStderr()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 @app.command("train")
 def train(
     dataset: str = DATASET,
@@ -176,6 +201,7 @@ def train(
     from cdsr.presets import expand
     from cdsr.train.run import apply_overrides, train_run
 
+    _progress_log()
     p = _declared(dataset, params)
     try:
         if preset is not None:

@@ -364,8 +364,10 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
                 record["lr"] = cfg.lr * lr_multiplier(cfg.schedule, max(global_step - 1, 0), len(order), cfg.epochs,
                                                       state.get("plateau_scale", 1.0))
             stopped = state["bad_epochs"] >= cfg.patience
-            log.info("epoch %d loss %.4f val %s %.4f (best %.4f @ %d)", epoch, record["loss"], cfg.val_metric,
-                     metric, state["best_metric"], state["best_epoch"])
+            log.info("epoch %d loss %.4f val %s %s %.4f (best %.4f @ %d)%s", epoch, record["loss"], cfg.val_protocol,
+                     cfg.val_metric if cfg.val_aggregate == "overall" else f"{cfg.val_aggregate} of {cfg.val_metric}",
+                     metric, state["best_metric"], state["best_epoch"],
+                     f" lr {record['lr']:.3g}" if "lr" in record else "")
         state["history"].append(record)
         state["epoch"], state["step"] = epoch + 1, 0
         checkpoint()
