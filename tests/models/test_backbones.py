@@ -138,3 +138,19 @@ def test_sasrec_temperature_and_negatives_from_every_domain(monkeypatch):
     assert seen["neg"].shape[1] == 5 and seen["scale"] == 1.0
     with pytest.raises(ValueError, match="temperature"):
         model_config("sasrec", {"temperature": 0.0}, "merged")
+
+
+@pytest.mark.parametrize("C", [2, 40])  # 100 items: the gather path for 2 candidates, the table GEMM for 40
+def test_dot_scores_with_candidates_on_both_paths(C):
+    from cdsr.models.layers import DENSE_SCORE_RATIO, dot_scores
+
+    g = torch.Generator().manual_seed(C)
+    q, E, bias = torch.randn(6, 8, generator=g), torch.randn(100, 8, generator=g), torch.randn(100, generator=g)
+    cand = torch.randint(0, 100, (6, C), generator=g)
+    cand[0, 0] = 0  # padding
+    assert (100 <= DENSE_SCORE_RATIO * C) == (C == 40)
+    for b in (None, bias):
+        got = dot_scores(q, E, cand, b)
+        want = (q[:, None, :] * E[cand]).sum(-1) + (0 if b is None else b[cand])
+        real = cand != 0
+        assert torch.allclose(got[real], want[real], atol=1e-5) and torch.isinf(got[~real]).all()
