@@ -157,6 +157,21 @@ def presets_list(params: Optional[Path] = PARAMS) -> None:
         typer.echo(f"{name:16s} model {pr.model:10s} {pr.description}")
 
 
+def _tuned_sets(path: Path, dataset: str) -> list[str]:
+    """The overrides of a `cdsr tune` result file, refused when it was tuned on another dataset."""
+    from cdsr.train.run import as_overrides
+
+    try:
+        best = json.loads(path.read_text())
+        chosen = best["params"]
+        study = str(best.get("study", ""))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable `cdsr tune` result ({exc})") from exc
+    if not isinstance(chosen, dict) or study.split("/", 1)[0] != dataset:
+        raise ConfigError(f"{path}: the result of study {study!r}, not of a study on dataset {dataset}")
+    return as_overrides(chosen)
+
+
 def _progress_log() -> None:
     """One line per epoch on stderr (loss, validation value, best so far) from the training loop,
     so that a long run's log shows where it is."""
@@ -186,12 +201,13 @@ def _progress_log() -> None:
 def train(
     dataset: str = DATASET,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A registered model (see `cdsr models`)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A named preset from params.yaml `presets:` (a model and its training regime; see `cdsr models`)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named preset from params.yaml `presets:` (a model and its training regime; see `cdsr presets`)."),
     variant: str = typer.Option("merged", "--variant", "-v", help="merged (whole multi-domain sequence) or single (one model per domain)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (default: train.epochs in params)."),
     seed: int = typer.Option(42, "--seed", help="Fixes initialisation, batch order and sampled negatives."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<dataset>/<model>-<variant>-s<seed>, or <preset>-s<seed>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<dataset>/<model>[-tuned]-<variant>-s<seed>, or <preset>[-tuned]-s<seed>)."),
     sets: list[str] = typer.Option([], "--set", help="Override a param: train.lr=0.0005, model.d=128, evaluate.exclude_history=true (after the preset's)."),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", help="Apply a `cdsr tune` result (e.g. tuned/<dataset>/<model>.json) after the preset and before --set."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
 ) -> None:
@@ -204,12 +220,14 @@ def train(
     _progress_log()
     p = _declared(dataset, params)
     try:
+        preset_sets: list[str] = []
         if preset is not None:
             model, preset_sets = expand(p, preset, model)
-            sets = preset_sets + list(sets)
         elif model is None:
             raise ConfigError("give --model or --preset")
-        name = f"{preset}-s{seed}" if preset is not None and variant == "merged" else f"{preset or model}-{variant}-s{seed}"
+        sets = [*preset_sets, *(_tuned_sets(tuned, dataset) if tuned is not None else []), *sets]
+        base = (preset or model) + ("-tuned" if tuned is not None else "")
+        name = f"{base}-s{seed}" if preset is not None and variant == "merged" else f"{base}-{variant}-s{seed}"
         out = out or Path("runs") / dataset / name
         p = apply_overrides(p, model, sets)
         m = train_run(dataset, model, variant, p, out, seed=seed, epochs=epochs, data_root=root)

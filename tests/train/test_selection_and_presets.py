@@ -116,3 +116,20 @@ def test_train_by_preset_name(tmp_path, tiny_root, tiny_params, in_root):
     listed = runner.invoke(app, ["presets", "--params", str(tiny_params)])
     assert listed.exit_code == 0 and listed.output.split()[:4] == ["tiny-sas", "model", "sasrec", "test"]
     assert "preset" not in runner.invoke(app, ["models"]).output  # `cdsr models` lists models only
+
+
+def test_train_with_a_tuning_result(tmp_path, tiny_root, tiny_params, in_root):
+    best = tmp_path / "sasrec.json"
+    best.write_text(json.dumps({"study": "t/sasrec", "value": 0.1, "params": {"model.d": 8, "train.lr": 0.004}}))
+    base = ["train", "--dataset", "t", "--params", str(tiny_params), "--root", str(tiny_root), "--model", "sasrec",
+            "--epochs", "1", "--set", "model.max_len=20", "--set", "evaluate.max_len=20", "--set", "train.progress=false",
+            "--set", "evaluate.protocols=[full]"]
+    res = runner.invoke(app, [*base, "--tuned", str(best), "--set", "train.lr=0.002", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["model_config"]["d"] == 8 and cfg["train"]["lr"] == 0.002  # tuned applied, --set after it
+    best.write_text(json.dumps({"study": "other/sasrec", "value": 0.1, "params": {"model.d": 8}}))
+    bad = runner.invoke(app, [*base, "--tuned", str(best)])
+    assert bad.exit_code == 1 and "not of a study on dataset t" in bad.output
+    best.write_text("{")
+    assert "not a readable" in runner.invoke(app, [*base, "--tuned", str(best)]).output
