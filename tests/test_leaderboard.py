@@ -31,7 +31,9 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     _run(root / "a", "fast-s1", 0.10, seconds=10)
     _run(root / "a", "fast-s2", 0.12, seconds=14)
-    _run(root / "b" / "deep", "fast-s3", 0.11, seconds=12)  # same group, found in another root's subfolder
+    _run(root / "a", "fast-s3", 0.11, seconds=12)
+    _run(root / "b" / "sasrec", "robust", 0.2)  # a benchmark-style nested run: its own group
+    _run(root / "b" / "hstu", "robust", 0.2, model="hstu")  # same leaf name elsewhere: another group
     _run(root / "a", "hstu-merged-s1", 0.05, model="hstu")
     _run(root / "a", "other-data-s1", 0.9, dataset="elsewhere")  # another dataset: left out
     (root / "a" / "broken-s1").mkdir()
@@ -40,8 +42,10 @@ def runs(tmp_path):
 
 
 def test_groups_over_seeds_by_hand(runs):
-    groups = {g["name"]: g for g in collect([runs], "synthetic")}
-    assert sorted(groups) == ["fast", "hstu-merged"]
+    groups = {g["name"]: g for g in collect([runs / "a", runs / "b"], "synthetic")}
+    assert sorted(groups) == ["fast", "hstu-merged", "hstu/robust", "sasrec/robust"]
+    assert {g["name"] for g in collect([runs], "synthetic")} == {"a/fast", "a/hstu-merged", "b/hstu/robust",
+                                                                  "b/sasrec/robust"}
     g = groups["fast"]
     assert g["seeds"] == [1, 2, 3] and g["model"] == "sasrec" and g["epochs"] == [3, 3, 3] and g["parameters"] == 312000
     xs = [0.10 * 1.2 * 1.5, 0.12 * 1.2 * 1.5, 0.11 * 1.2 * 1.5]  # Books HR@10 of the three seeds under full
@@ -52,9 +56,9 @@ def test_groups_over_seeds_by_hand(runs):
 
 
 def test_a_name_reused_for_another_model_is_refused(runs):
-    _run(runs / "c", "fast-s9", 0.1, model="hstu")
+    _run(runs / "a", "fast-s9", 0.1, model="hstu")
     with pytest.raises(ValueError, match="'fast' are of different models"):
-        collect([runs], "synthetic")
+        collect([runs / "a"], "synthetic")
 
 
 def test_published_row_and_studies(tmp_path, runs):
@@ -62,18 +66,18 @@ def test_published_row_and_studies(tmp_path, runs):
     tuned.mkdir(parents=True)
     (tuned / "abxi.json").write_text(json.dumps({"value": 0.3012, "trial": 4, "wall_seconds": 1234.5, "params": {},
                                                  "trials": {"COMPLETE": 5, "PRUNED": 7, "FAIL": 0}}))
-    lb = build([runs], "amazon-food-kitchen-benchmark", tmp_path / "tuned")
+    lb = build([runs / "a"], "amazon-food-kitchen-benchmark", tmp_path / "tuned")
     text = markdown(lb)
     assert "| ABXI (published, 5 seeds) |" in text and "0.3243" in text and "0.1219" in text
     assert "| abxi | 5 | 7 | 0 | 0.3012 | 4 | 1234 |" in text
-    lb = build([runs], "synthetic", tmp_path / "tuned")
+    lb = build([runs / "a"], "synthetic", tmp_path / "tuned")
     text = markdown(lb)
     assert "ABXI" not in text and "#### sampled-100" in text
     assert f"| fast | 1,2,3 | 3,3,3 | 12 | 312000 | {0.11 * 1.2 * 1.5:.4f} ± " in text
 
 
 def test_cli_and_report(tmp_path, runs):
-    res = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(runs), "--tuned-dir",
+    res = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(runs / "a"), "--tuned-dir",
                               str(tmp_path / "none"), "--out", str(tmp_path / "lb.md")])
     assert res.exit_code == 0, res.output
     assert "| fast | 1,2,3 |" in (tmp_path / "lb.md").read_text()
@@ -83,5 +87,5 @@ def test_cli_and_report(tmp_path, runs):
     metrics_dir.mkdir()
     _write(metrics_dir, "sasrec", _full("sasrec", "sasrec", "merged", 0.1))
     html = write_report("synthetic", metrics_dir, tmp_path / "rep", leaderboard=build([runs], "synthetic")).read_text()
-    assert 'id="leaderboard"' in html and "<td>hstu-merged</td>" in html
+    assert 'id="leaderboard"' in html and "<td>a/hstu-merged</td>" in html
     assert 'id="leaderboard"' not in write_report("synthetic", metrics_dir, tmp_path / "rep2").read_text()

@@ -2,10 +2,11 @@
 published numbers (`cdsr leaderboard`, and the leaderboard section of `cdsr report --runs`).
 
 Sources are run directories (``metrics.json`` written by ``cdsr train`` / the quality and study
-scripts) found under the given roots. Runs are grouped by their directory name without the seed
-suffix (``abxi-fast-s1`` -> ``abxi-fast``, ``sasrec-merged-s2`` -> ``sasrec-merged``); a group
-also has to agree on dataset, model and variant, so a name reused for another model is refused
-rather than averaged. For each group and protocol: the mean and sample standard deviation over
+scripts, the benchmark's runs and their robustness retrains) found under the given roots. Runs
+are grouped by their path below the root without the seed suffix (``abxi-fast-s1`` ->
+``abxi-fast``, ``sasrec/train-noise-substitute-p0.2`` stays itself); a group also has to agree
+on dataset, model and variant, so a name reused for another model is refused rather than
+averaged. For each group and protocol: the mean and sample standard deviation over
 seeds of each metric per target domain, the seeds, the epochs run, the wall time per run and the
 parameter count. Tuning studies (``tuned/<dataset>/<model>.json`` written by ``cdsr tune``) are
 listed with their trial counts, best validation value and wall time.
@@ -45,8 +46,9 @@ def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
             m = _read(f)
             if m is None or m.get("dataset") != dataset or "protocols" not in m:
                 continue
-            hit = _SEED.match(f.parent.name)
-            name, seed = (hit["name"], int(hit["seed"])) if hit else (f.parent.name, int(m.get("seed", 0)))
+            rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
+            hit = _SEED.match(rel)
+            name, seed = (hit["name"], int(hit["seed"])) if hit else (rel, int(m.get("seed", 0)))
             found.setdefault(name, []).append((seed, m))
     groups = []
     for name, runs in sorted(found.items()):
