@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -172,25 +173,24 @@ def _tuned_sets(path: Path, dataset: str) -> list[str]:
     return as_overrides(chosen)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _progress_log() -> None:
     """One line per epoch on stderr (loss, validation value, best so far) from the training loop,
     so that a long run's log shows where it is."""
-    import logging
-
-    class CurrentStderr(logging.StreamHandler):
-        """Writes to whatever sys.stderr is at the time (a test runner swaps it per command)."""
-
-        @property
-        def stream(self):
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, _):
-            pass
-
     log = logging.getLogger("cdsr.train.loop")
     if not log.handlers:
-        h = CurrentStderr()
+        h = _CurrentStderr()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
@@ -240,6 +240,21 @@ def train(
     typer.echo(f"metrics: {out / 'metrics.json'}")
 
 
+def _run_json(run: Path, out: Optional[Path], default_name: str, compute) -> tuple[dict, Path]:
+    """A command on a trained run directory: check it, ``compute()``, write the JSON result to
+    ``out`` (default ``run/default_name``); known errors become one-line failures."""
+    if not (run / "config.json").exists():
+        _fail(f"{run}: not a run directory (no config.json)")
+    _output_file(out)
+    try:
+        res = compute()
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    dest = out or run / default_name
+    dest.write_text(json.dumps(res, indent=2) + "\n")
+    return res, dest
+
+
 @app.command("evaluate")
 def evaluate(
     run: Path = typer.Option(..., "--run", help="A run directory written by `cdsr train`."),
@@ -252,15 +267,7 @@ def evaluate(
     """Evaluate a trained run's best checkpoint under named protocols; writes a metrics JSON."""
     from cdsr.train.run import evaluate_run
 
-    if not (run / "config.json").exists():
-        _fail(f"{run}: not a run directory (no config.json)")
-    _output_file(out)
-    try:
-        m = evaluate_run(run, protocol, split, exclude_history, set_)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    dest = out or run / f"eval-{split}.json"
-    dest.write_text(json.dumps(m, indent=2) + "\n")
+    m, dest = _run_json(run, out, f"eval-{split}.json", lambda: evaluate_run(run, protocol, split, exclude_history, set_))
     for proto, res in m["protocols"].items():
         typer.echo(f"{proto:12s} " + " ".join(f"{k} {v:.4f}" for k, v in res["overall"].items() if k != "n"))
     typer.echo(f"metrics: {dest}")
@@ -469,17 +476,9 @@ def analyze_ties(
     per evaluation, ties in the target's favour) on one trained model."""
     from cdsr.evaluate.ties import compare_estimators, format_table
 
-    if not (run / "config.json").exists():
-        _fail(f"{run}: not a run directory (no config.json)")
     if split not in ("test", "valid") or k < 1 or draws < 1:
         _fail("need --split test|valid, --k >= 1 and --draws >= 1")
-    _output_file(out)
-    try:
-        res = compare_estimators(run, split, k, draws, seed)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    dest = out or run / f"ties-{split}.json"
-    dest.write_text(json.dumps(res, indent=2) + "\n")
+    res, dest = _run_json(run, out, f"ties-{split}.json", lambda: compare_estimators(run, split, k, draws, seed))
     typer.echo(format_table(res))
     typer.echo(f"written: {dest}")
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name, from_dict
 from cdsr.track import tracking
-from cdsr.train.run import apply_overrides, as_overrides, train_run
+from cdsr.train.run import apply_overrides, as_overrides, train_run, yaml_text
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,6 @@ def _composite(choices: list[Any]) -> bool:
     return any(isinstance(c, (list, tuple, dict)) for c in choices)
 
 
-def _text(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
-
-
 def decode(params: dict[str, Any], space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Optuna's stored parameters -> values: a composite choice (a list, e.g. ``gca_layers``)
     is suggested as its YAML text and read back here."""
@@ -129,7 +123,7 @@ def suggest(trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for key, spec in space.items():
         if "choices" in spec and _composite(list(spec["choices"])):
-            out[key] = decode({key: trial.suggest_categorical(key, [_text(c) for c in spec["choices"]])}, space)[key]
+            out[key] = decode({key: trial.suggest_categorical(key, [yaml_text(c) for c in spec["choices"]])}, space)[key]
         elif "choices" in spec:
             out[key] = trial.suggest_categorical(key, list(spec["choices"]))
         elif "low" in spec and "high" in spec:

@@ -30,7 +30,7 @@ import polars as pl
 import torch
 
 from cdsr.config import from_dict
-from cdsr.data.loaders import EvalDataset, SplitData
+from cdsr.data.loaders import EvalDataset
 from cdsr.data.split import sample_negatives
 from cdsr.evaluate.metrics import metrics_from_ranks, ranks_sampled
 from cdsr.evaluate.protocols import EvalConfig, _check_negatives
@@ -76,27 +76,19 @@ def _per_domain(ranks: torch.Tensor, n_cand: torch.Tensor, domain: torch.Tensor,
     return res
 
 
-def redrawn(data: SplitData, processed: Path, k: int, seed: int) -> SplitData:
-    """``data`` with its stored negatives replaced by a fresh draw of ``k`` per target (``seed``)."""
-    seqs = pl.read_parquet(processed / "sequences.parquet").select("user_idx", "items")
-    items = pl.read_parquet(processed / "items.parquet")
-    return dataclasses.replace(data, negatives=sample_negatives(seqs, data.targets, items, k, seed))
-
-
 def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: int = 5, seed: int = 1000) -> dict[str, Any]:
-    """The three estimators on ``run_dir``'s best checkpoint (see the module docstring)."""
-    from cdsr.train.run import load_run_models, load_split
+    """The three estimators on ``run_dir``'s best checkpoint (see the module docstring). The
+    checkpoint(s) are loaded once; each fresh draw only replaces the data's negatives."""
+    from cdsr.train.run import _parts, load_run_models, load_split
 
     config = json.loads((run_dir / "config.json").read_text())
     data = load_split(config["dataset"], config["data_root"])
     processed = Path(config["data_root"]) / config["dataset"] / "processed"
     ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
     names = data.domain_names
+    models = load_run_models(run_dir, data)
 
-    def run_models(d: SplitData):
-        return load_run_models(run_dir, d)
-
-    stored = _ranks(run_models(data), split, k, ev)
+    stored = _ranks(models, split, k, ev)
     out: dict[str, Any] = {
         "run": str(run_dir), "dataset": config["dataset"], "model": config["model"], "split": split, "k": k,
         "rows": len(stored["pess"]),
@@ -105,9 +97,14 @@ def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: 
         "stored_tied_rows": int(stored["tied"].sum()),
         "redraw_seeds": [seed + r for r in range(draws)],
     }
+    # the sampler's inputs, as the split stage reads them (read once for every draw)
+    seqs = pl.read_parquet(processed / "sequences.parquet").select("user_idx", "items")
+    items = pl.read_parquet(processed / "items.parquet")
     per_draw, tied = [], 0
     for r in range(draws):
-        rd = _ranks(run_models(redrawn(data, processed, k, seed + r)), split, k, ev)
+        fresh = dataclasses.replace(data, negatives=sample_negatives(seqs, data.targets, items, k, seed + r))
+        views = [(name, view, net) for (_, _, net), (name, view) in zip(models, _parts(fresh, config["variant"]))]
+        rd = _ranks(views, split, k, ev)
         per_draw.append(_per_domain(rd["opt"], rd["n"], rd["domain"], names))
         tied += int(rd["tied"].sum())
     out["redraw_optimistic"] = {

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.gca import GCA, validation_orthogonality
 from cdsr.models.layers import (
     Dropout,
     MultiHeadAttention,
@@ -136,8 +137,6 @@ class ABXI(SeqRecModel):
         self.proj = nn.ModuleList(SwiGLU(d, hidden) for _ in range(D))
         self.ln_inv = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
         self.ln_dom = nn.ModuleList(nn.LayerNorm(d) for _ in range(D))
-        from cdsr.models.gca import GCA
-
         self.gca = nn.ModuleDict({str(k): GCA(cfg, D) for k in sorted(cfg.gca_layers)})
         self.register_buffer("empty", torch.zeros(D, d), persistent=False)
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
@@ -228,8 +227,6 @@ class ABXI(SeqRecModel):
         """With GCA: its |cos(X, X')| and gates on the validation histories (the loop's hook)."""
         if not (self.gca and self.cfg.measure):
             return {}
-        from cdsr.models.gca import validation_orthogonality
-
         return validation_orthogonality(self, data, eval_cfg, device)
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:

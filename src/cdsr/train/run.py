@@ -56,13 +56,15 @@ def apply_overrides(params: dict[str, Any], model: str, sets: list[str]) -> dict
     return out
 
 
+def yaml_text(value: Any) -> str:
+    """``value`` as one line of YAML, which :func:`apply_overrides` parses back to it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
+
+
 def as_overrides(values: dict[str, Any]) -> list[str]:
     """``key=value`` strings for :func:`apply_overrides`, which parses values as YAML. Not JSON:
     ``json.dumps(1e-06)`` is ``1e-06``, a *string* to PyYAML (its floats need a dot)."""
-    def text(v: Any) -> str:
-        return yaml.safe_dump(v, default_flow_style=True, width=float("inf")).removesuffix("\n...\n").strip()
-
-    return [f"{k}={text(v)}" for k, v in values.items()]
+    return [f"{k}={yaml_text(v)}" for k, v in values.items()]
 
 
 def resolve(params: dict[str, Any], model: str, variant: str, epochs: int | None = None):
