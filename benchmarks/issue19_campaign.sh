@@ -7,9 +7,10 @@
 #   JOBS=2 bash benchmarks/issue19_campaign.sh       # two at once (threads split between them)
 #   STAGES="repro fast" bash benchmarks/issue19_campaign.sh
 #
-# Stages: repro (abxi-paper, 3 seeds), fast (abxi-fast, 3 seeds), gca (GCA over ABXI with the
-# abxi-fast regime), autocdsr (L_cd scale: query vs cell, 3 seeds each), tune (an Optuna study
-# per model, same trial budget), tuned (3 seeds of each tuned model). Logs: runs/campaign/*.log.
+# Stages: repro (abxi-paper, 3 seeds), fast (abxi-fast, 3 seeds), gca (abxi-gca-fast: GCA over
+# ABXI in the abxi-fast regime, 3 seeds), autocdsr (L_cd scale: query vs cell, 3 seeds each),
+# tune (an Optuna study per model, same trial budget), tuned (3 seeds of each tuned model).
+# Logs: runs/campaign/*.log.
 set -euo pipefail
 D=amazon-food-kitchen-benchmark
 JOBS=${JOBS:-1}
@@ -20,10 +21,6 @@ THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 mkdir -p runs/campaign
 cdsr data build --dataset "$D" > runs/campaign/data.log 2>&1
 
-# the abxi-fast regime without its model, for GCA over ABXI
-FAST=$(python -c "
-from cdsr.config import load_params
-print(' '.join('--set ' + s for s in load_params()['presets']['abxi-fast']['set']))")
 Q="python benchmarks/quality.py --dataset $D --out runs/autocdsr --variants merged --models autocdsr_sasrec --set train.patience=3"
 
 cmds=()
@@ -31,9 +28,7 @@ for stage in $STAGES; do
   case $stage in
     repro) for s in 1 2 3; do cmds+=("cdsr train --dataset $D --preset abxi-paper --seed $s"); done ;;
     fast) for s in 1 2 3; do cmds+=("cdsr train --dataset $D --preset abxi-fast --seed $s"); done ;;
-    gca) for s in 1 2 3; do
-           cmds+=("cdsr train --dataset $D --model abxi_gca --seed $s $FAST --out runs/$D/abxi_gca-fast-s$s")
-         done ;;
+    gca) for s in 1 2 3; do cmds+=("cdsr train --dataset $D --preset abxi-gca-fast --seed $s"); done ;;
     autocdsr) for s in 1 2 3; do
                 cmds+=("$Q --seeds $s" "$Q --seeds $s --tag cell --set model.cd_scale=cell")
               done ;;

@@ -9,6 +9,7 @@ import torch
 from helpers import fit_batch
 from test_gca import VOCAB, VOCAB3, _batch  # the same 2- and 3-domain fixtures
 
+from cdsr.models.layers import domain_streams
 from cdsr.models.registry import build_model, model_config
 
 SMALL = {"d": 16, "heads": 2, "max_len": 12, "dropout": 0.1, "n_negatives": 8, "rank_domain": 4, "rank_invariant": 4}
@@ -34,10 +35,11 @@ def _future_changed(b, i):
     return fut
 
 
+@pytest.mark.parametrize("positions", ["first", "last"])
 @pytest.mark.parametrize("i", [3, 7, 10])
-def test_causality(i):
+def test_causality(i, positions):
     """Items and domains at >= i+1 never change h^x or any stream state at <= i."""
-    m, b = _model(), _batch()
+    m, b = _model(positions=positions), _batch()
     h, S = m.encode(b)
     h2, S2 = m.encode(_future_changed(b, i))
     assert torch.allclose(h[:, : i + 1], h2[:, : i + 1], atol=1e-5)
@@ -69,10 +71,13 @@ def test_adapters_start_as_zero_maps():
         assert torch.equal(lora(x), torch.zeros_like(x))
 
 
-@pytest.mark.parametrize(("vocab", "D", "loss"), [(VOCAB, 2, "sampled"), (VOCAB3, 3, "sampled"), (VOCAB, 2, "ce")])
-def test_fits_a_batch(vocab, D, loss):
+@pytest.mark.parametrize(("vocab", "D", "loss", "extra"), [
+    (VOCAB, 2, "sampled", {}), (VOCAB3, 3, "sampled", {}), (VOCAB, 2, "ce", {}),
+    (VOCAB, 2, "sampled", {"positions": "last", "loss_average": "user"}),
+    (VOCAB3, 3, "ce", {"positions": "last", "loss_average": "user"})])
+def test_fits_a_batch(vocab, D, loss, extra):
     torch.manual_seed(0)
-    m = build_model("abxi", model_config("abxi", {**SMALL, "dropout": 0.0, "loss": loss}, "merged"), vocab)
+    m = build_model("abxi", model_config("abxi", {**SMALL, "dropout": 0.0, "loss": loss, **extra}, "merged"), vocab)
     losses = fit_batch(m, _batch(D=D), steps=60, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
     for name, p in m.named_parameters():
@@ -89,9 +94,23 @@ def test_scores_are_the_dot_products_of_score_parts():
     assert torch.allclose(m.score(b, cand), full.gather(1, cand), atol=1e-5)
 
 
-def test_last_position_scoring_equals_the_full_encoding():
+def test_last_positions_count_merged_steps_back_from_the_window_end():
+    m = _model(positions="last", dropout=0.0)
+    items = torch.tensor([[0, 3, 40, 5, 41]])
+    valid, doms = items > 0, (items > 30).long()
+    got = m._embed(items, valid) - m.item_emb(items)
+    assert torch.allclose(got[0, 1:], m.pos_emb.weight[[3, 2, 1, 0]], atol=1e-6)  # the last event: 0
+    (o0, v0), (o1, v1) = domain_streams(doms, valid, 2)
+    for o, v in ((o0, v0), (o1, v1)):  # a domain stream: its events' merged distance to the end
+        x = m._embed(items.gather(1, o), v, o, 5) - m.item_emb(items.gather(1, o))
+        assert torch.allclose(x[v], m.pos_emb.weight[4 - o[v]], atol=1e-6)
+    assert torch.equal(o1[v1], torch.tensor([2, 4]))
+
+
+@pytest.mark.parametrize("positions", ["first", "last"])
+def test_last_position_scoring_equals_the_full_encoding(positions):
     for vocab, D in ((VOCAB, 2), (VOCAB3, 3)):
-        m, b = _model(vocab=vocab), _batch(D=D)
+        m, b = _model(vocab=vocab, positions=positions), _batch(D=D)
         b["domains"][2, :] = 0  # a row without any event of the other domains
         b["items"][2, :] = torch.arange(1, 13)
         b["target_domain"][2] = 1  # ... asked for a domain it has no event of: the empty state

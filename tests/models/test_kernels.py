@@ -84,6 +84,43 @@ def test_fused_sampled_softmax_equals_cross_entropy(monkeypatch, normalize, cell
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("cells", [1 << 21, 50])
+def test_row_weighted_losses_equal_weighted_cross_entropy(monkeypatch, cells):
+    monkeypatch.setattr(L, "CE_CHUNK_CELLS", cells)
+    monkeypatch.setattr(L, "CE_MIN_ROWS", 1)
+    torch.manual_seed(5)
+    q = torch.randn(41, 8, requires_grad=True)
+    T = torch.randn(66, 8, requires_grad=True)
+    td = torch.randint(0, 2, (41,))
+    tg = torch.where(td == 0, torch.randint(1, 31, (41,)), torch.randint(31, 61, (41,)))
+    w = torch.rand(41)
+    neg = torch.randint(1, 61, (41, 7))
+    logits = torch.cat([(q * T[tg]).sum(-1, keepdim=True),
+                        torch.bmm(T[neg], q[:, :, None])[:, :, 0].masked_fill(neg == tg[:, None], float("-inf"))], 1)
+    cases = [(L.sampled_softmax_loss(q, T, tg, neg, 2.0, row_weight=w),
+              (F.cross_entropy(logits * 2.0, torch.zeros(41, dtype=torch.long), reduction="none") * w).sum())]
+    per_row = torch.zeros(41)
+    for d, (lo, hi) in enumerate(RANGES[:2]):
+        sel = td == d
+        per_row = per_row.masked_scatter(sel, F.cross_entropy(q[sel] @ T[lo:hi + 1].T, tg[sel] - lo, reduction="none"))
+    cases.append((L.domain_softmax_loss(q, tg, td, T, RANGES, row_weight=w), (per_row * w).sum()))
+    for got, want in cases:
+        assert torch.allclose(got, want, atol=1e-5)
+        for a, e in zip(torch.autograd.grad(got, [q, T]), torch.autograd.grad(want, [q, T])):
+            assert torch.allclose(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_weights_give_abxis_per_user_per_domain_average():
+    # ABXI's code: loss_t = mean over the batch rows of (mean of the row's domain-t losses, 0 if
+    # none), summed over domains; here 3 rows, row 2 without any domain-1 target
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    dom = torch.tensor([0, 1, 1, 0, 1, 0, 0, 0])
+    loss = torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0, 6.0, 9.0, 3.0])
+    w = L.loss_weights(rows, dom, 3, 2)
+    want = (1.0 + 3.0 + (6 + 9 + 3) / 3) / 3 + ((2 + 4) / 2 + 5.0 + 0.0) / 3
+    assert torch.isclose((w * loss).sum(), torch.tensor(want))
+
+
 def test_dropout_mask_is_seeded_unbiased_and_its_own_gradient():
     x = torch.ones(400, 500, requires_grad=True)
     torch.manual_seed(3)

@@ -20,7 +20,18 @@ NOTE (departures from the paper and its public code):
 - Negatives are drawn uniformly from each domain's items; ABXI also excludes the user's
   history items from its negatives. Negatives equal to the target are masked.
 - Where domain t has no event before i, h^t is zero (ABXI's zero-padded aligned slot).
-- Positions count from each stream's first event (ABXI's absolute position index).
+- Positions: ABXI's code counts each stream's positions back from its last event (the last
+  event gets index 1). ``positions: last`` counts every stream's events back from the end of
+  the merged window (SASRec's fixed slots): for the merged stream that is ABXI's index; for a
+  domain stream it is the event's distance in merged steps, not in same-domain events, because
+  during training ABXI's count tells an earlier position how many same-domain events follow it
+  (a leak of future domains that our causality test refuses). ``first`` counts from each
+  stream's first event (this model's default until issue 19's third session, when ``last``
+  raised the Food-Kitchen validation sum of MRR from 0.2797 to 0.289, docs/results.md).
+- Loss average: ABXI's code averages the InfoNCE per user over the positions of each target
+  domain, then over the batch, and sums the domains (``loss_average: user``); the default
+  ``position`` is the mean over all positions, as every other model here. On Food-Kitchen
+  validation ``user`` did worse (docs/results.md), so it is an option, not the default.
 - The SwiGLU hidden size is ``ffn_dim`` (default round(8 d / 3), 683 at d 256, where the
   public code fixes 680).
 
@@ -50,6 +61,7 @@ from cdsr.models.layers import (
     domain_softmax_loss,
     domain_streams,
     dot_scores,
+    loss_weights,
     sample_domain_negatives,
     sampled_softmax_loss,
     stream_states,
@@ -69,6 +81,10 @@ class ABXIConfig:
     loss: Literal["sampled", "ce"] = "sampled"
     n_negatives: int = 128  # per domain, for loss: sampled
     temperature: float = 0.75
+    # position index of a stream's events: "first" counts from its first event, "last" back from
+    # its last (ABXI's code); "user" averages the loss per user and target domain as ABXI's code
+    positions: Literal["first", "last"] = "last"
+    loss_average: Literal["position", "user"] = "position"
 
     # GCA over ABXI (module docstring): 0 after the embeddings, 1 after the encoder
     gca_layers: tuple[int, ...] = ()
@@ -80,6 +96,9 @@ class ABXIConfig:
     measure: bool = True  # |cos(X, X')| on validation after each validation epoch
 
     def __post_init__(self):
+        if self.positions not in ("first", "last") or self.loss_average not in ("position", "user"):
+            raise ValueError(f"abxi: positions first|last (got {self.positions!r}), loss_average position|user "
+                             f"(got {self.loss_average!r})")
         if self.temperature <= 0 or self.rank_domain < 1 or self.rank_invariant < 1 or self.n_negatives < 1:
             raise ValueError("abxi: temperature > 0, ranks >= 1 and n_negatives >= 1 are required")
         if any(k not in (0, 1) for k in self.gca_layers) or len(set(self.gca_layers)) != len(self.gca_layers):
@@ -147,11 +166,20 @@ class ABXI(SeqRecModel):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def _embed(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """items / valid [B, L'] (right-aligned) -> the stream's input [B, L', d]."""
-        if items.shape[1] > self.cfg.max_len:
-            raise ValueError(f"sequence length {items.shape[1]} > max_len {self.cfg.max_len}")
-        return self.drop(self.item_emb(items) + self.pos_emb(subsequence_positions(valid))) * valid[..., None]
+    def _embed(self, items: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor | None = None,
+               window: int = 0) -> torch.Tensor:
+        """items / valid [B, L'] (right-aligned) -> the stream's input [B, L', d]. A domain stream
+        gives ``slots`` [B, L'], its entries' indices in the merged window of length ``window``
+        (the merged stream: None, its own width); ``positions: last`` embeds window - 1 - slot,
+        the steps before the window's end."""
+        L = items.shape[1] if slots is None else window
+        if L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
+        if self.cfg.positions == "first":
+            pos = subsequence_positions(valid)
+        else:
+            pos = L - 1 - (torch.arange(L, device=items.device).expand_as(items) if slots is None else slots)
+        return self.drop(self.item_emb(items) + self.pos_emb(pos)) * valid[..., None]
 
     def _block(self, x: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False) -> torch.Tensor:
         """The shared encoder with stream k's dLoRA: [B, L', d] -> [B, L', d] (``last_only``:
@@ -173,7 +201,7 @@ class ABXI(SeqRecModel):
             acc = None if stats is None else stats.setdefault(k, xs[0].new_zeros(len(xs), 2, dtype=torch.float32))
             return self.gca[str(k)](xs, midx, valid, acc)
 
-        xs = cross(0, [self._embed(items.gather(1, o), v) for o, v in layout])
+        xs = cross(0, [self._embed(items.gather(1, o), v, o, items.shape[1]) for o, v in layout])
         last_only = last_only and "1" not in self.gca  # GCA[1] reads every position of the other streams
         xs = [self._block(x, v, 1 + a, last_only) for a, (x, v) in enumerate(zip(xs, valid))]
         return cross(1, xs)
@@ -206,12 +234,17 @@ class ABXI(SeqRecModel):
         valid = batch["mask"] & (batch["targets"] > 0)
         tgt, tdom = batch["targets"][valid], batch["target_domains"][valid]
         q = self.represent(hx[valid], S[valid], tdom)
+        w = None
+        if self.cfg.loss_average == "user":
+            rows = valid.nonzero()[:, 0]
+            w = loss_weights(rows, tdom, valid.shape[0], self.vocab.n_domains)
         if self.cfg.loss == "ce":
             return {"loss": domain_softmax_loss(q / self.cfg.temperature, tgt, tdom, self.item_emb.weight,
-                                                self.vocab.domain_ranges)}
+                                                self.vocab.domain_ranges, row_weight=w)}
         neg = torch.cat([sample_domain_negatives(torch.full_like(tdom, a), self.dom_lo, self.dom_size,
                                                  self.cfg.n_negatives) for a in range(self.vocab.n_domains)], 1)
-        return {"loss": sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / self.cfg.temperature)}
+        return {"loss": sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / self.cfg.temperature,
+                                             row_weight=w)}
 
     def score_parts(self, batch: dict[str, torch.Tensor]):
         """The last position only: a domain stream is right-aligned, so its state at the merged

@@ -174,7 +174,7 @@ class _DomainSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, target_domains, ranges, dtype, grads):
+    def forward(ctx, h, weight, bias, targets, target_domains, ranges, dtype, grads, row_weight=None):
         # ``grads``: grad mode where the loss was asked for (forward itself runs without it)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = grads and (need_h or need_w or need_b)
@@ -203,19 +203,22 @@ class _DomainSoftmaxCE(torch.autograd.Function):
                 if bias is not None:
                     logits = logits + bias[lo:hi + 1].to(dtype)
                 at = torch.arange(len(rows), device=h.device)
+                rw = None if row_weight is None else row_weight[rows]
                 if dtype == torch.float32:
                     logp = torch.log_softmax(logits, 1)
-                    total -= logp[at, t].sum()
+                    total -= _weighted_sum(logp[at, t], rw)
                     g = logp.exp_() if grads else None
                 else:
                     # softmax straight into the reduced dtype: one pass, no float32 copy of the
                     # chunk (converting it costs more than the products at this size); the loss
                     # (for logging) is -log p_t, from the target's reduced-precision probability
                     g = torch.softmax(logits, 1)
-                    total -= g[at, t].float().clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+                    total -= _weighted_sum(g[at, t].float().clamp_min(torch.finfo(torch.float32).tiny).log(), rw)
                 if not grads:
                     continue
                 g[at, t] -= 1.0
+                if rw is not None:
+                    g.mul_(rw.to(g.dtype)[:, None])
                 if dh is not None:
                     dh[rows] = (g @ w_d).float()
                 if dw is not None:
@@ -232,26 +235,42 @@ class _DomainSoftmaxCE(torch.autograd.Function):
         dh, dw, db = (next(saved) if have else None for have in ctx.have)
         scale = grad.float()
         return (None if dh is None else (dh * scale).to(ctx.h_dtype), None if dw is None else dw * scale,
-                None if db is None else db * scale, None, None, None, None, None)
+                None if db is None else db * scale, None, None, None, None, None, None)
+
+
+def _weighted_sum(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return x.sum() if w is None else (x * w).sum()
+
+
+def loss_weights(rows: torch.Tensor, target_domains: torch.Tensor, batch: int, n_domains: int) -> torch.Tensor:
+    """[N] float32 weights that turn a sum over training positions into ABXI's average: per
+    user (batch row) the mean over its positions of each target domain, then the mean over the
+    ``batch`` rows (a row without targets of domain t adds 0 to t's mean), summed over domains.
+
+    rows / target_domains [N]: each position's batch row and its target's domain."""
+    cell = rows * n_domains + target_domains
+    count = torch.bincount(cell, minlength=batch * n_domains).float()
+    return 1.0 / (batch * count[cell])
 
 
 def domain_softmax_loss(h: torch.Tensor, targets: torch.Tensor, target_domains: torch.Tensor,
                         item_emb: torch.Tensor, domain_ranges: tuple[tuple[int, int], ...],
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Full softmax cross-entropy of each target against the items of its own domain.
 
     h [N, d] query vectors, targets / target_domains [N]; item_emb [n_items + 1, d] (and
     ``bias`` [>= n_items + 1]). Domain d's items are the contiguous slice [lo_d, hi_d], so each
     position is scored against its slice only (N x V_d instead of N x V), in cache-sized chunks
-    with the gradient fused in (:class:`_DomainSoftmaxCE`). Mean over the N positions.
+    with the gradient fused in (:class:`_DomainSoftmaxCE`). Mean over the N positions, or with
+    ``row_weight`` [N] the weighted sum (e.g. :func:`loss_weights`).
     """
     n = int(targets.numel())
     if n == 0:
         return (h.sum() + item_emb.sum() * 0) * 0.0  # keeps the graph connected
     ranges = tuple((int(lo), int(hi)) for lo, hi in domain_ranges)
     total = _DomainSoftmaxCE.apply(h, item_emb, bias, targets, target_domains, ranges, compute_dtype(h.device),
-                                   torch.is_grad_enabled())
-    return total / n
+                                   torch.is_grad_enabled(), None if row_weight is None else row_weight.float())
+    return total / n if row_weight is None else total
 
 
 class _SampledSoftmaxCE(torch.autograd.Function):
@@ -264,11 +283,12 @@ class _SampledSoftmaxCE(torch.autograd.Function):
     gather of the whole batch (1.4 GiB at N 5,600, R 256, d 256), its dtype copies and its
     embedding backward are never made. Products in ``dtype``, log-softmax and gradient
     accumulation in float32. ``normalize``: score the L2-normalised rows (HSTU's cosine),
-    dividing the scores by |e| rather than the rows.
+    dividing the scores by |e| rather than the rows. ``row_weight`` [N] float32: the sum over
+    rows is weighted (the gradients with it).
     """
 
     @staticmethod
-    def forward(ctx, q, table, pos, neg, scale, dtype, grads, normalize):
+    def forward(ctx, q, table, pos, neg, scale, dtype, grads, normalize, row_weight=None):
         need_q, need_t = ctx.needs_input_grad[:2]
         grads = grads and (need_q or need_t)
         ctx.q_dtype = q.dtype
@@ -305,12 +325,13 @@ class _SampledSoftmaxCE(torch.autograd.Function):
             logits = s * scale
             logits[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :1], float("-inf"))
             logp = torch.log_softmax(logits, 1)
-            total -= logp[:, 0].sum()
+            rw = None if row_weight is None else row_weight[a:a + chunk, None]
+            total -= _weighted_sum(logp[:, 0], None if rw is None else rw[:, 0])
             if not grads:
                 continue
             g = logp.exp_()
             g[:, 0] -= 1.0
-            g = g * scale  # d loss / d (v . q)
+            g = g * (scale if rw is None else rw * scale)  # d loss / d (v . q)
             # d (v . q) / d e = (q - (v . q) v) / |e| = q / |e| - (v . q) / |e|^2 e
             a_q = g * inv if normalize else g
             if dq is not None:  # d (v . q) / d q = v = e / |e|
@@ -343,21 +364,22 @@ class _SampledSoftmaxCE(torch.autograd.Function):
         dq, dt = (next(saved) if have else None for have in ctx.have)
         scale = grad.float()
         return (None if dq is None else (dq * scale).to(ctx.q_dtype), None if dt is None else dt * scale,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def sampled_softmax_loss(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                         scale: float = 1.0, normalize: bool = False) -> torch.Tensor:
+                         scale: float = 1.0, normalize: bool = False,
+                         row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled softmax: each row ranks its positive ``pos`` [N] against its negatives ``neg``
     [N, R] (ids into ``table`` [V, d]; a negative equal to the positive is masked), scores
-    ``scale * q . table[id]`` (``normalize``: of the L2-normalised rows); mean over the N rows
-    (:class:`_SampledSoftmaxCE`)."""
+    ``scale * q . table[id]`` (``normalize``: of the L2-normalised rows); mean over the N rows,
+    or with ``row_weight`` [N] the weighted sum (:class:`_SampledSoftmaxCE`)."""
     n = int(pos.numel())
     if n == 0:
         return (q.sum() + table.sum() * 0) * 0.0
     total = _SampledSoftmaxCE.apply(q, table, pos, neg, float(scale), compute_dtype(q.device), torch.is_grad_enabled(),
-                                    normalize)
-    return total / n
+                                    normalize, None if row_weight is None else row_weight.float())
+    return total / n if row_weight is None else total
 
 
 def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor,
