@@ -76,6 +76,38 @@ def test_published_row_and_studies(tmp_path, runs):
     assert f"| fast | 1,2,3 | 3,3,3 | 12 | 312000 | {0.11 * 1.2 * 1.5:.4f} ± " in text
 
 
+def _metrics_dir(tmp_path: Path) -> Path:
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir(exist_ok=True)
+    _write(metrics_dir, "sasrec", _full("sasrec", "sasrec", "merged", 0.1))
+    return metrics_dir
+
+
+def test_groups_against_the_published_row(monkeypatch, runs):
+    import cdsr.leaderboard as lbm
+
+    pub = {"Books": {"HR@5": 0.5, "HR@10": 0.6, "NDCG@10": 0.3, "MRR": 0.2},
+           "CDs_&_Vinyl": {"HR@5": 0.25, "HR@10": 0.3, "NDCG@10": 0.1, "MRR": 0.05}}
+    monkeypatch.setitem(lbm.PUBLISHED, "synthetic", {"name": "Paper", "protocol": "sampled-999", "domains": pub})
+    lb = build([runs / "a"], "synthetic")
+    vs = lbm.versus_published(lb)
+    assert vs["columns"] == ["run", "seeds", *(f"{d} {k}" for d in pub for k in ("HR@5", "HR@10", "NDCG@10", "MRR")),
+                             "mean / published"]
+    fast = next(r for r in vs["rows"] if r[0] == "fast")
+    # sampled-999 is built at 2 x base (base mean 0.11); Books 1.2 x, CDs 0.7 x; HR@5 = x, HR@10 1.5 x,
+    # NDCG@10 0.75 x, MRR x / 2
+    want = [0.11 * 2 * f * g for f in (1.2, 0.7) for g in (1, 1.5, 0.75, 0.5)]
+    assert fast[1] == "1,2,3" and fast[2:10] == [f"{x:.4f}" for x in want]
+    ratios = [w / p for w, p in zip(want, [v for d in pub.values() for v in d.values()])]
+    assert fast[10] == f"{min(ratios):.2f}-{max(ratios):.2f}"
+    assert vs["rows"][-1] == ["Paper", "", *(f"{v:.4f}" for d in pub.values() for v in d.values()), "1"]
+    assert "#### Against Paper, sampled-999 (seed means)" in markdown(lb)
+    html = write_report("synthetic", _metrics_dir(runs.parent), runs.parent / "rep", leaderboard=lb).read_text()
+    assert 'id="versus-published"' in html and f"<td class=\"num\">{fast[10]}</td>" in html
+    monkeypatch.delitem(lbm.PUBLISHED, "synthetic")
+    assert lbm.versus_published(build([runs / "a"], "synthetic")) is None
+
+
 def test_cli_and_report(tmp_path, runs):
     res = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(runs / "a"), "--tuned-dir",
                               str(tmp_path / "none"), "--out", str(tmp_path / "lb.md")])
@@ -83,9 +115,8 @@ def test_cli_and_report(tmp_path, runs):
     assert "| fast | 1,2,3 |" in (tmp_path / "lb.md").read_text()
     empty = runner.invoke(app, ["leaderboard", "--dataset", "synthetic", "--runs", str(tmp_path / "nothing")])
     assert empty.exit_code == 0 and "no finished runs" in empty.output
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    _write(metrics_dir, "sasrec", _full("sasrec", "sasrec", "merged", 0.1))
+    metrics_dir = _metrics_dir(tmp_path)
     html = write_report("synthetic", metrics_dir, tmp_path / "rep", leaderboard=build([runs], "synthetic")).read_text()
     assert 'id="leaderboard"' in html and "<td>a/hstu-merged</td>" in html
     assert 'id="leaderboard"' not in write_report("synthetic", metrics_dir, tmp_path / "rep2").read_text()
+    assert 'id="versus-published"' not in html  # no published row for this dataset

@@ -130,12 +130,39 @@ def tables(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: 
     return out
 
 
+def versus_published(lb: dict[str, Any]) -> dict[str, Any] | None:
+    """Each group beside the published row on the published protocol: the seed mean of all its
+    metrics per domain (HR@5 included, the published set) and the range of mean / published over
+    them, or None when the dataset has no published row. ``{"columns", "rows"}``."""
+    pub = lb["published"]
+    if not pub:
+        return None
+    p, keys = pub["protocol"], [(d, k) for d, ms in pub["domains"].items() for k in ms]
+    t = {"columns": ["run", "seeds", *(f"{d} {k}" for d, k in keys), "mean / published"], "rows": []}
+    for g in lb["groups"]:
+        got = g["protocols"].get(p, {})
+        if not all(d in got for d, _ in keys):
+            continue
+        ratios = [got[d][k]["mean"] / pub["domains"][d][k] for d, k in keys]
+        t["rows"].append([g["name"], ",".join(map(str, g["seeds"])), *(f"{got[d][k]['mean']:.4f}" for d, k in keys),
+                          f"{min(ratios):.2f}-{max(ratios):.2f}"])
+    t["rows"].append([pub["name"], "", *(f"{pub['domains'][d][k]:.4f}" for d, k in keys), "1"])
+    return t
+
+
 def markdown(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: tuple[str, ...] = METRICS) -> str:
-    """Markdown tables: one per protocol (groups x domain metrics), then the studies."""
+    """Markdown tables: one per protocol (groups x domain metrics), the groups against the
+    published row (:func:`versus_published`), then the studies."""
     out = []
     for t in tables(lb, protocols, metrics):
         out += [f"#### {t['protocol']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
         out += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+        out.append("")
+    vs = versus_published(lb)
+    if vs and len(vs["rows"]) > 1:
+        out += [f"#### Against {lb['published']['name']}, {lb['published']['protocol']} (seed means)", "",
+                "| " + " | ".join(vs["columns"]) + " |", "|" + "---|" * len(vs["columns"])]
+        out += ["| " + " | ".join(r) + " |" for r in vs["rows"]]
         out.append("")
     if lb["studies"]:
         out += ["#### Tuning studies", "", "| model | complete | pruned | failed | best value | best trial | wall s |",

@@ -543,9 +543,11 @@ def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict |
 def _leaderboard(lb: dict | None) -> dict | None:
     if lb is None:
         return None
-    from cdsr.leaderboard import tables
+    from cdsr.leaderboard import tables, versus_published
 
-    return {"tables": tables(lb), "studies": lb["studies"]}
+    vs = versus_published(lb)
+    return {"tables": tables(lb), "versus": vs if vs and len(vs["rows"]) > 1 else None,
+            "published": lb["published"], "studies": lb["studies"]}
 
 
 def _template():
@@ -707,6 +709,14 @@ over seeds, per target domain, on test; wall time per run and parameter count.</
 {% else %}
 <p class="na">{{ NA }} (no finished runs of this dataset)</p>
 {% endfor %}
+{% if leaderboard.versus %}
+<h3>Against {{ leaderboard.published.name }}, {{ leaderboard.published.protocol }} (seed means)</h3>
+<table class="leaderboard" id="versus-published">
+<tr>{% for c in leaderboard.versus.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for r in leaderboard.versus.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="num"{% endif %}>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}
+</table>
+{% endif %}
 {% if leaderboard.studies %}
 <h3>Tuning studies</h3>
 <table id="studies">
