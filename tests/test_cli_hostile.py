@@ -54,6 +54,21 @@ def test_a_run_directory_never_mixes_two_configurations(tmp_path, tiny_root, tin
     assert shorter.exit_code == 1 and "train.epochs: 2 -> 1" in shorter.output
 
 
+def test_a_setting_whose_default_changed_is_compared_with_its_old_behaviour(tmp_path):
+    """abxi's model.positions arrived with default last; a run stored before it ran with first."""
+    from cdsr.train.run import RunDirError, prepare_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"model": "abxi", "train": {"lr": 0.001}, "model_config": {"d": 16}}
+    (out / "config.json").write_text(json.dumps(old))
+    (out / "metrics.json").write_text("{}")  # a finished run
+    with pytest.raises(RunDirError, match="model_config.positions: 'first' -> 'last'"):
+        prepare_run_dir(out, {**old, "model_config": {"d": 16, "positions": "last"}})
+    prepare_run_dir(out, {**old, "model_config": {"d": 16, "positions": "first"}})  # the same run
+    prepare_run_dir(out, {**old, "model_config": {"d": 16, "loss_average": "position"}})  # a plain new key
+
+
 def test_a_run_of_other_data_is_not_reused(tmp_path, tiny_root, tiny_params, in_root):
     """The data version (MD5 of the split files) is part of a run's configuration."""
     import shutil

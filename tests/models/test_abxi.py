@@ -63,6 +63,13 @@ def test_the_target_domain_picks_its_branch():
     assert torch.allclose(mixed[[0, 2]], r0[[0, 2]], atol=1e-6)  # row subsets: other GEMM blocking
 
 
+def test_attention_dropout_follows_dropout_unless_set():
+    assert _model(dropout=0.3).attn.p == 0.3
+    assert _model(dropout=0.3, attn_dropout=0.0).attn.p == 0.0
+    with pytest.raises(ValueError, match="attn_dropout"):
+        model_config("abxi", {"attn_dropout": 1.0}, "merged")
+
+
 def test_adapters_start_as_zero_maps():
     torch.manual_seed(0)
     m = build_model("abxi", model_config("abxi", SMALL, "merged"), VOCAB)

@@ -28,6 +28,9 @@ NOTE (departures from the paper and its public code):
   (a leak of future domains that our causality test refuses). ``first`` counts from each
   stream's first event (this model's default until issue 19's third session, when ``last``
   raised the Food-Kitchen validation sum of MRR from 0.2797 to 0.289, docs/results.md).
+- Attention dropout: ABXI's code applies dropout to the attention output only (its
+  ``nn.MultiheadAttention`` has none on the probabilities); ours also drops the probabilities
+  at ``dropout`` unless ``attn_dropout`` says otherwise (0.0 is ABXI's).
 - Loss average: ABXI's code averages the InfoNCE per user over the positions of each target
   domain, then over the batch, and sums the domains (``loss_average: user``); the default
   ``position`` is the mean over all positions, as every other model here. On Food-Kitchen
@@ -84,6 +87,8 @@ class ABXIConfig:
     # position index of a stream's events: "first" counts from its first event, "last" back from
     # its last (ABXI's code); "user" averages the loss per user and target domain as ABXI's code
     positions: Literal["first", "last"] = "last"
+    # dropout on the attention probabilities; None: ``dropout`` (ABXI's code has none there)
+    attn_dropout: float | None = None
     loss_average: Literal["position", "user"] = "position"
 
     # GCA over ABXI (module docstring): 0 after the embeddings, 1 after the encoder
@@ -96,6 +101,8 @@ class ABXIConfig:
     measure: bool = True  # |cos(X, X')| on validation after each validation epoch
 
     def __post_init__(self):
+        if self.attn_dropout is not None and not 0.0 <= self.attn_dropout < 1.0:
+            raise ValueError(f"abxi: attn_dropout must be in [0, 1) or null, got {self.attn_dropout}")
         if self.positions not in ("first", "last") or self.loss_average not in ("position", "user"):
             raise ValueError(f"abxi: positions first|last (got {self.positions!r}), loss_average position|user "
                              f"(got {self.loss_average!r})")
@@ -145,7 +152,7 @@ class ABXI(SeqRecModel):
         self.item_emb = nn.Embedding(vocab.n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.drop = Dropout(cfg.dropout)
-        self.attn = MultiHeadAttention(d, cfg.heads, cfg.dropout)
+        self.attn = MultiHeadAttention(d, cfg.heads, cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout)
         self.ln_attn = nn.LayerNorm(d)
         self.ffn = SwiGLU(d, hidden)
         # stream 0 is the merged sequence, stream 1 + a domain a's subsequence

@@ -108,6 +108,9 @@ class RunDirError(ValueError):
 # content is pinned by ``data_version``), the progress bar, the device choice (as in the
 # benchmark's run key) and how often mid-epoch checkpoints are written.
 _NOT_PROVENANCE = {"data_root", "train.progress", "train.device", "train.checkpoint_every_steps"}
+# Settings that arrived with a default other than the behaviour before them: a stored config
+# without the key ran with this value, and is compared as such (model -> flattened key -> value)
+BEFORE_THE_KEY = {m: {"model_config.positions": "first"} for m in ("abxi", "abxi_gca")}
 
 
 def _budget_ok(key: str, old: Any, new: Any, state: dict | None) -> bool:
@@ -141,7 +144,8 @@ def prepare_run_dir(out_dir: Path, config: dict[str, Any]) -> None:
     config of the new ones. The training budget is the exception where the run so far is also
     a run of the new budget (see :func:`_budget_ok`): a finished 20-epoch run continued to 30.
     Keys one side lacks are settings that did not exist when the other was written (code grew
-    a field with a default) and are not compared. A directory with a config but no trained
+    a field with a default) and are not compared, unless the default differs from what the code
+    did before (``BEFORE_THE_KEY``: the old config is read with that value). A directory with a config but no trained
     state yet (no checkpoint, no metrics) takes the new config.
     """
     if out_dir.exists() and not out_dir.is_dir():
@@ -155,6 +159,7 @@ def prepare_run_dir(out_dir: Path, config: dict[str, Any]) -> None:
         from cdsr.track.tracking import flatten
 
         a, b = flatten(old), flatten(json.loads(json.dumps(config)))
+        a = {**BEFORE_THE_KEY.get(old.get("model"), {}), **a}
         diff = sorted(k for k in set(a) & set(b) if k not in _NOT_PROVENANCE and a[k] != b[k])
         trained = any((out_dir / f).exists() for f in ("last.pt", "best.pt", "metrics.json", "fit.json")) or \
             any(out_dir.glob("domain-*/last.pt"))
