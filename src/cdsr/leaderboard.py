@@ -133,7 +133,8 @@ def tables(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: 
 def versus_published(lb: dict[str, Any]) -> dict[str, Any] | None:
     """Each group beside the published row on the published protocol: the seed mean of all its
     metrics per domain (HR@5 included, the published set) and the range of mean / published over
-    them, or None when the dataset has no published row. ``{"columns", "rows"}``."""
+    them; None when the dataset has no published row or no group has its protocol.
+    ``{"columns", "rows"}`` (the published row last)."""
     pub = lb["published"]
     if not pub:
         return None
@@ -146,6 +147,8 @@ def versus_published(lb: dict[str, Any]) -> dict[str, Any] | None:
         ratios = [got[d][k]["mean"] / pub["domains"][d][k] for d, k in keys]
         t["rows"].append([g["name"], ",".join(map(str, g["seeds"])), *(f"{got[d][k]['mean']:.4f}" for d, k in keys),
                           f"{min(ratios):.2f}-{max(ratios):.2f}"])
+    if not t["rows"]:
+        return None
     t["rows"].append([pub["name"], "", *(f"{pub['domains'][d][k]:.4f}" for d, k in keys), "1"])
     return t
 
@@ -159,7 +162,7 @@ def markdown(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics
         out += ["| " + " | ".join(r) + " |" for r in t["rows"]]
         out.append("")
     vs = versus_published(lb)
-    if vs and len(vs["rows"]) > 1:
+    if vs:
         out += [f"#### Against {lb['published']['name']}, {lb['published']['protocol']} (seed means)", "",
                 "| " + " | ".join(vs["columns"]) + " |", "|" + "---|" * len(vs["columns"])]
         out += ["| " + " | ".join(r) + " |" for r in vs["rows"]]

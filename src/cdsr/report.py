@@ -545,9 +545,8 @@ def _leaderboard(lb: dict | None) -> dict | None:
         return None
     from cdsr.leaderboard import tables, versus_published
 
-    vs = versus_published(lb)
-    return {"tables": tables(lb), "versus": vs if vs and len(vs["rows"]) > 1 else None,
-            "published": lb["published"], "studies": lb["studies"]}
+    return {"tables": tables(lb), "versus": versus_published(lb), "published": lb["published"],
+            "studies": lb["studies"]}
 
 
 def _template():

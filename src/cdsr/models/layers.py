@@ -325,13 +325,13 @@ class _SampledSoftmaxCE(torch.autograd.Function):
             logits = s * scale
             logits[:, 1:].masked_fill_(ids[:, 1:] == ids[:, :1], float("-inf"))
             logp = torch.log_softmax(logits, 1)
-            rw = None if row_weight is None else row_weight[a:a + chunk, None]
-            total -= _weighted_sum(logp[:, 0], None if rw is None else rw[:, 0])
+            rw = None if row_weight is None else row_weight[a:a + chunk]
+            total -= _weighted_sum(logp[:, 0], rw)
             if not grads:
                 continue
             g = logp.exp_()
             g[:, 0] -= 1.0
-            g = g * (scale if rw is None else rw * scale)  # d loss / d (v . q)
+            g = g * (scale if rw is None else rw[:, None] * scale)  # d loss / d (v . q)
             # d (v . q) / d e = (q - (v . q) v) / |e| = q / |e| - (v . q) / |e|^2 e
             a_q = g * inv if normalize else g
             if dq is not None:  # d (v . q) / d q = v = e / |e|

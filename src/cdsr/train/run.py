@@ -145,8 +145,8 @@ def prepare_run_dir(out_dir: Path, config: dict[str, Any]) -> None:
     a run of the new budget (see :func:`_budget_ok`): a finished 20-epoch run continued to 30.
     Keys one side lacks are settings that did not exist when the other was written (code grew
     a field with a default) and are not compared, unless the default differs from what the code
-    did before (``BEFORE_THE_KEY``: the old config is read with that value). A directory with a config but no trained
-    state yet (no checkpoint, no metrics) takes the new config.
+    did before (``BEFORE_THE_KEY``: the old config is read with that value). A directory with a
+    config but no trained state yet (no checkpoint, no metrics) takes the new config.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"{out_dir}: exists and is not a directory; a run directory is a folder (pick another --out)")
