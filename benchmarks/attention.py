@@ -1,4 +1,4 @@
-"""Attention efficiency of one HSTU layer: dense vs intra-domain (issue 6; METHODS.md "HSTU-CD").
+"""Attention efficiency of one HSTU layer: dense vs intra-domain (issue 6; docs/methods.md "HSTU-CD").
 
     python benchmarks/attention.py                       # synthetic balanced domains, CPU
     python benchmarks/attention.py --kuairand            # real KuaiRand-1K windows (needs the build)

@@ -21,7 +21,7 @@ THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 mkdir -p runs/campaign
 cdsr data build --dataset "$D" > runs/campaign/data.log 2>&1
 
-Q="python benchmarks/quality.py --dataset $D --out runs/autocdsr --variants merged --models autocdsr_sasrec --set train.patience=3"
+Q="cdsr study run autocdsr --dataset $D"
 
 cmds=()
 for stage in $STAGES; do
@@ -30,7 +30,7 @@ for stage in $STAGES; do
     fast) for s in 1 2 3; do cmds+=("cdsr train --dataset $D --preset abxi-fast --seed $s"); done ;;
     gca) for s in 1 2 3; do cmds+=("cdsr train --dataset $D --preset abxi-gca-fast --seed $s"); done ;;
     autocdsr) for s in 1 2 3; do
-                cmds+=("$Q --seeds $s" "$Q --seeds $s --tag cell --set model.cd_scale=cell")
+                cmds+=("$Q --seeds $s --variants autocdsr_sasrec-merged" "$Q --seeds $s --variants autocdsr_sasrec-merged-cell")
               done ;;
     tune) for m in $MODELS; do cmds+=("cdsr tune --dataset $D --model $m --trials $TRIALS"); done ;;
     tuned) for m in $MODELS; do for s in 1 2 3; do

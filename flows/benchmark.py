@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cdsr import benchmark as bm
-from cdsr.config import ConfigError, declared_dataset, from_dict, load_params
+from cdsr.config import ConfigError, declared_dataset, load_params
 from cdsr.orchestrate import start_temporary_server
 from cdsr.track import tracking
 
@@ -66,7 +66,7 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
     params = load_params(params_path)
     cfg = bm.benchmark_config(params, methods)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // bm.workers(cfg)))
-    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    tcfg = tracking.tracking_config(params)
     tracking.setup(tcfg)
     tracking.reap_dead_runs(tracking.use_experiment(dataset, tcfg))  # runs a killed benchmark left RUNNING
     with bm._MLFLOW_LOCK:

@@ -31,9 +31,19 @@ def promote_flow(dataset: str, params_path: str | None = None, metrics_dir: str 
     A bad ``promote:`` / ``mlflow:`` section fails here, before the (retried) task."""
     params = load_params(params_path)
     cfg = from_dict(PromoteConfig, params.get("promote"), "promote")
-    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
+    tcfg = tracking.tracking_config(params)
     decision = promote_task(dataset, cfg, tcfg, metrics_dir, data_root)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(decision, indent=2) + "\n")
+        write_decision(decision, Path(out))
     return decision
+
+
+def write_decision(decision: dict, out: Path) -> None:
+    """``out``: the decision without MLflow run ids (random per tracking store), so the register
+    stage's DVC metrics repeat from a clean clone; ``<out>.runs.json`` (no DVC output): all of it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stable = {k: v for k, v in decision.items() if k != "candidate_run_id"}
+    if "candidates" in stable:
+        stable["candidates"] = [{k: v for k, v in c.items() if k != "run_id"} for c in stable["candidates"]]
+    out.write_text(json.dumps(stable, indent=2) + "\n")
+    out.with_suffix(".runs.json").write_text(json.dumps(decision, indent=2) + "\n")

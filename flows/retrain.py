@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import cdsr  # noqa: F401
 from prefect import flow
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `flows` importable when run as a script
 
 from flows.benchmark import run_benchmark
 from flows.data import data_build

@@ -1,7 +1,7 @@
 """Subprocess servers for tests: a free port, start in a process group of its own, wait for an
 HTTP health URL, stop the whole group, and the tail of its log for failure messages.
 
-Imported as ``from servers import ...`` (tests/ is on sys.path, as for ``helpers``).
+Imported as ``from servers import ...`` (pytest's rootdir import mode finds it, as ``helpers``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ def test_a_run_directory_never_mixes_two_configurations(tmp_path, tiny_root, tin
 
 def test_a_setting_whose_default_changed_is_compared_with_its_old_behaviour(tmp_path):
     """abxi's model.positions arrived with default last; a run stored before it ran with first."""
-    from cdsr.train.run import RunDirError, prepare_run_dir
+    from cdsr.runs import RunDir, RunDirError
+
+    prepare_run_dir = RunDir.prepare
 
     out = tmp_path / "run"
     out.mkdir()
@@ -64,9 +66,9 @@ def test_a_setting_whose_default_changed_is_compared_with_its_old_behaviour(tmp_
     (out / "config.json").write_text(json.dumps(old))
     (out / "metrics.json").write_text("{}")  # a finished run
     with pytest.raises(RunDirError, match="model_config.positions: 'first' -> 'last'"):
-        prepare_run_dir(out, {**old, "model_config": {"d": 16, "positions": "last"}})
-    prepare_run_dir(out, {**old, "model_config": {"d": 16, "positions": "first"}})  # the same run
-    prepare_run_dir(out, {**old, "model_config": {"d": 16, "loss_average": "position"}})  # a plain new key
+        prepare_run_dir(RunDir(out), {**old, "model_config": {"d": 16, "positions": "last"}})
+    prepare_run_dir(RunDir(out), {**old, "model_config": {"d": 16, "positions": "first"}})  # the same run
+    prepare_run_dir(RunDir(out), {**old, "model_config": {"d": 16, "loss_average": "position"}})  # a plain new key
 
 
 def test_a_run_of_other_data_is_not_reused(tmp_path, tiny_root, tiny_params, in_root):

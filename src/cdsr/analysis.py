@@ -56,14 +56,16 @@ def curve_from_history(name: str, history: list[dict], metric: str, labels: dict
 
 def curves_from_dirs(paths: list[Path], metric: str) -> list[RunCurve]:
     """Curves of every run directory under ``paths`` (a ``history.json``, searched recursively)."""
+    from cdsr.runs import RunDir
+
     out = []
     for p in map(Path, paths):
-        files = [p] if p.is_file() else sorted(p.rglob("history.json"))
+        files = [p] if p.is_file() else sorted(p.rglob(RunDir.HISTORY))
         for f in files:
-            cfg_file = f.parent / "config.json"
+            rd = RunDir(f.parent)
             labels = {}
-            if cfg_file.exists():
-                cfg = json.loads(cfg_file.read_text())
+            if rd.has_config():
+                cfg = rd.config()
                 labels = {"model": cfg.get("model"), "seed": cfg.get("seed"), **_gca_labels(cfg.get("model_config", {}))}
             c = curve_from_history(str(f.parent), json.loads(f.read_text()), metric, labels)
             if c is not None:

@@ -25,13 +25,13 @@ import json
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name, from_dict
 from cdsr.evaluate.protocols import EvalConfig, selection_value, summarise
+from cdsr.evaluate.results import RunMetrics
 from cdsr.evaluate.robustness import (
     RobustnessConfig,
     inference_curves,
@@ -40,19 +40,9 @@ from cdsr.evaluate.robustness import (
     training_rows,
 )
 from cdsr.models.registry import get_spec
+from cdsr.runs import RunDir, RunSpec, apply_overrides, as_overrides
 from cdsr.track import tracking
-from cdsr.train.run import (
-    apply_overrides,
-    as_overrides,
-    fit_run,
-    hardware,
-    load_run_models,
-    load_split,
-    rank_run,
-    resolve,
-    score_run,
-    train_run,
-)
+from cdsr.train.run import fit_spec, load_split, rank_run, score_spec, train_spec
 
 
 @dataclass(frozen=True)
@@ -107,10 +97,12 @@ def workers(cfg: BenchmarkConfig) -> int:
 
 
 def tuned_overrides(cfg: BenchmarkConfig, dataset: str, model: str) -> dict[str, Any]:
-    path = Path(cfg.tuned_dir) / dataset / f"{model}.json"
+    from cdsr.tune import read_tuned, tuned_path
+
+    path = tuned_path(cfg.tuned_dir, dataset, model)
     if not cfg.use_tuned or not path.exists():
         return {}
-    return json.loads(path.read_text())["params"]
+    return read_tuned(path)["params"]
 
 
 def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str) -> dict[str, Any]:
@@ -122,7 +114,7 @@ def method_params(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, me
     return apply_overrides(params, model, [*map(str, own), *as_overrides(tuned)])
 
 
-CODE = ("models", "train", "evaluate", "data/loaders.py", "benchmark.py")  # what a run's results depend on
+CODE = ("models", "train", "evaluate", "data/loaders.py", "runs.py", "benchmark.py")  # what a run's results depend on
 
 
 def code_version() -> str:
@@ -136,16 +128,17 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def run_key(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_version: dict) -> str:
+def run_spec(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str,
+             data_root: str | Path) -> RunSpec:
+    """The run of ``method``: params with its overrides and tuned values, the benchmark's seed and epochs."""
     model, variant = parse_method(method)
-    train, ev, mcfg = resolve(params, model, variant, cfg.epochs)
-    train = dataclasses.replace(train, progress=True, device="auto")  # no effect on the result
+    p = method_params(params, cfg, dataset, method)
+    return RunSpec.build(p, check_dataset_name(dataset), model, variant, cfg.seed, cfg.epochs, data_root)
+
+
+def run_key(spec: RunSpec, params: dict[str, Any], cfg: BenchmarkConfig) -> str:
     rob = robustness_config(params) if cfg.robustness else None
-    blob = json.dumps({"train": dataclasses.asdict(train), "evaluate": dataclasses.asdict(ev),
-                       "model": dataclasses.asdict(mcfg), "seed": cfg.seed, "data": data_version,
-                       "code": code_version(),
-                       "robustness": dataclasses.asdict(rob) if rob else None}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return spec.key(code=code_version(), robustness=dataclasses.asdict(rob) if rob else None)
 
 
 def robustness_config(params: dict[str, Any]) -> RobustnessConfig:
@@ -153,8 +146,8 @@ def robustness_config(params: dict[str, Any]) -> RobustnessConfig:
 
 
 def run_dir(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_root: str | Path) -> Path:
-    dv = tracking.data_version(check_dataset_name(dataset), data_root)
-    return Path(cfg.runs_dir) / dataset / method / run_key(params, cfg, dataset, method, dv)
+    spec = run_spec(params, cfg, dataset, method, data_root)
+    return Path(cfg.runs_dir) / dataset / method / run_key(spec, params, cfg)
 
 
 # -- the steps (each a Prefect task in flows/benchmark.py) --------------------------------------
@@ -163,64 +156,54 @@ def train_step(dataset: str, method: str, params: dict[str, Any], cfg: Benchmark
                data_root: str | Path = "data") -> str:
     """Train with early stopping, resuming from the run directory's last checkpoint; returns the
     run directory. A finished run (``fit.json`` present) is reused as is."""
-    model, variant = parse_method(method)
-    p = method_params(params, cfg, dataset, method)
-    out = run_dir(p, cfg, dataset, method, data_root)
-    if not (out / "fit.json").exists():
-        fit_run(dataset, model, variant, p, out, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root)
-    return str(out)
+    spec = run_spec(params, cfg, dataset, method, data_root)
+    rd = RunDir(Path(cfg.runs_dir) / dataset / method / run_key(spec, params, cfg))
+    if not rd.has_fit():
+        fit_spec(spec, rd, load_split(dataset, data_root))
+    return str(rd.path)
 
 
 def evaluate_step(run: str) -> dict[str, Any]:
     """Test metrics per protocol (from params) and the validation summary of the best checkpoint;
-    writes the run's ``metrics.json`` (the shape of ``cdsr train``'s)."""
-    rd = Path(run)
-    if (rd / "metrics.json").exists():
-        return json.loads((rd / "metrics.json").read_text())
-    config = json.loads((rd / "config.json").read_text())
-    fitted = json.loads((rd / "fit.json").read_text())
-    t0 = time.time()
-    metrics = {"dataset": config["dataset"], "model": config["model"], "variant": config["variant"],
-               "seed": config["seed"], **score_run(rd), **fitted,
-               "seconds": round(sum(f["train_seconds"] for f in fitted["fit"].values()) + time.time() - t0, 2),
-               "hardware": hardware()}
-    (rd / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    writes the run's ``metrics.json`` (the record of ``cdsr train``)."""
+    rd = RunDir(run)
+    if rd.has_metrics():
+        return rd.metrics().to_json()
+    spec = rd.spec()
+    return score_spec(rd, load_split(spec.dataset, spec.data_root)).to_json()
 
 
 def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any], cfg: BenchmarkConfig,
                     data_root: str | Path = "data") -> list[dict]:
     """Inference-time noise on the trained model, then training-time noise (one retrain per kind
     and p, same settings, clean validation and test). Cached in ``robustness.json``."""
-    out = Path(run) / "robustness.json"
-    if out.exists():
-        return json.loads(out.read_text())
+    rd = RunDir(run)
+    cached = rd.read_json(RunDir.ROBUSTNESS)
+    if cached is not None:
+        return cached
     rc = robustness_config(params)
-    model, variant = parse_method(method)
-    p = method_params(params, cfg, dataset, method)
-    config = json.loads((Path(run) / "config.json").read_text())
-    ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
+    spec = rd.spec()
+    ev = spec.evaluate
     data = load_split(dataset, data_root)
-
-    rows = inference_curves(lambda d: overall_test_metrics(Path(run), d, rc.protocol, ev), data, rc)
+    rows = inference_curves(lambda d: overall_test_metrics(rd, d, rc.protocol, ev), data, rc)
     clean = rows[0]
     noisy = {}
     for kind in rc.train:
         for prob in rc.train_levels:
-            sub = Path(run) / f"train-noise-{kind}-p{prob}"
+            sub = RunDir(rd.path / f"train-noise-{kind}-p{prob}")
             seed = noise_seed(rc, kind, prob)
-            if not (sub / "metrics.json").exists():
-                train_run(dataset, model, variant, p, sub, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
-                          data=data, train_transform=lambda v, k=kind, q=prob, s=seed: perturb(v, k, q, s, scope="train"))
+            if not sub.has_metrics():
+                train_spec(spec, sub, data,
+                           train_transform=lambda v, k=kind, q=prob, s=seed: perturb(v, k, q, s, scope="train"))
             noisy[(kind, prob)] = overall_test_metrics(sub, data, rc.protocol, ev)
     rows += training_rows({m: clean[m] for m in rc.metrics}, noisy, rc)
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    rd.write_json(RunDir.ROBUSTNESS, rows)
     return rows
 
 
-def overall_test_metrics(run: Path, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
+def overall_test_metrics(run: RunDir, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
     """Overall test metrics of a trained run's best checkpoint(s) on ``data`` (possibly noisy)."""
-    return summarise(rank_run(load_run_models(run, data), "test", protocol, ev), data.domain_names, ev)["overall"]
+    return summarise(rank_run(run.load_models(data), "test", protocol, ev), data.domain_names, ev)["overall"]
 
 
 _MLFLOW_LOCK = threading.Lock()  # the fluent MLflow API keeps one active-run stack per process
@@ -229,60 +212,88 @@ _MLFLOW_LOCK = threading.Lock()  # the fluent MLflow API keeps one active-run st
 def track_step(dataset: str, method: str, run: str, robustness: list[dict] | None, params: dict[str, Any],
                cfg: BenchmarkConfig, data_root: str | Path = "data", parent_run_id: str | None = None,
                command: str = "") -> dict[str, Any]:
-    """Log the run to MLflow (once: ``tracking.json`` remembers the run id) and write the DVC
-    metrics and plots files. Returns the metrics dict written to ``metrics/<dataset>/<method>.json``."""
-    import mlflow
+    """Log the run to MLflow (once: ``tracking.json`` remembers the run id), complete the run's
+    ``metrics.json`` with the benchmark's fields, and write the DVC metrics and plots files.
 
-    rd = Path(run)
-    metrics = json.loads((rd / "metrics.json").read_text())
-    config = json.loads((rd / "config.json").read_text())
-    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
-    metrics.update(method=method, val_metric=config["train"]["val_metric"], robustness=robustness or [], data_version=tracking.data_version(dataset, data_root),
-                   git_commit=tracking.git_commit(), command=command,
-                   robustness_protocol=robustness_config(params).protocol if robustness else None)
-    plots = write_plots(dataset, method, metrics, cfg, rd)
+    ``metrics/<dataset>/<method>.json`` holds what the run computed (:data:`VOLATILE` fields,
+    e.g. wall times and the MLflow run id, stay in the run directory it names as ``run_dir``), so
+    that repeating the pipeline from a clean clone reproduces it byte for byte. Returns the
+    run's full record."""
+    rd = RunDir(run)
+    spec = rd.spec()
+    tcfg = tracking.tracking_config(params)
+    metrics = dataclasses.replace(
+        rd.metrics(), method=method, val_metric=spec.train.val_metric, robustness=robustness or [],
+        data_version=tracking.data_version(dataset, data_root), git_commit=tracking.git_commit(), command=command,
+        robustness_protocol=robustness_config(params).protocol if robustness else None)
+    plots = write_plots(dataset, method, metrics.to_json(), cfg, rd.path)
     with _MLFLOW_LOCK:
         tracking.setup(tcfg)
         tracking.use_experiment(dataset, tcfg)
-        record = rd / "tracking.json"
-        known = json.loads(record.read_text()) if record.exists() else {}
+        known = rd.read_json(RunDir.TRACKING) or {}
         run_id = known.get("run_id") if known.get("tracking_uri") == tracking.tracking_uri(tcfg) else None
         if run_id and _finished(run_id):
-            metrics["mlflow_run_id"] = run_id
+            stored = rd.metrics()
+            if stored.mlflow_run_id == run_id:  # tracked before: its record stays as it was logged
+                metrics = stored
         else:
-            tags = {"dataset": dataset, "method": method, "model": metrics["model"], "variant": metrics["variant"],
-                    "protocols": ",".join(metrics["protocols"]), "val_protocol": config["train"]["val_protocol"],
-                    "val_metric": config["train"]["val_metric"], "git_commit": metrics["git_commit"],
-                    "data_version": metrics["data_version"].get("split.parquet", "unknown"),
-                    "run_dir": str(rd), "cdsr.kind": "benchmark", **tracking.owner_tags()}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            with mlflow.start_run(run_name=f"{dataset}/{method}", tags=tags) as r:
-                metrics["mlflow_run_id"] = r.info.run_id
-                tracking.log_params(config)
-                mlflow.log_dict(metrics["data_version"], "data_version.json")
-                tracking.log_history(metrics["history"])
-                vals = tracking.final_metrics(metrics)
-                vals["val_metric"] = selection_value(metrics["validation"], config["train"]["val_metric"],
-                                                     config["train"].get("val_aggregate", "overall"))
-                mlflow.log_metrics(vals)
-                tracking.log_artifacts([rd / "config.json", rd / "metrics.json", rd / "robustness.json"], "run")
-                tracking.log_artifacts(plots, "plots")
-                for steps in [rd / "steps.csv", *sorted(rd.glob("domain-*/steps.csv"))]:  # per-step loss, Pareto ratio
-                    tracking.log_artifacts([steps], "steps" if steps.parent == rd else f"steps/{steps.parent.name}")
-                if tcfg.log_models:
-                    from cdsr.track.pyfunc import log_pyfunc
-                    from cdsr.track.serve import serve_config
-
-                    items = Path(config["data_root"]) / dataset / "processed" / "items.parquet"
-                    # the request limits of params `serve:` travel with the model (env: not at log time)
-                    log_pyfunc(rd, items, name="model", serve=serve_config(params, env={}))
-            record.write_text(json.dumps({"run_id": metrics["mlflow_run_id"],
-                                          "tracking_uri": tracking.tracking_uri(tcfg)}) + "\n")
+            rd.write_metrics(metrics)  # the artefact logged with the run
+            run_id = _log_run(rd, spec, metrics, plots, params, tcfg, parent_run_id)
+            rd.write_json(RunDir.TRACKING, {"run_id": run_id, "tracking_uri": tracking.tracking_uri(tcfg)}, indent=None)
+    if metrics.mlflow_run_id != run_id:
+        metrics.mlflow_run_id = run_id
+        rd.write_metrics(metrics)
     dest = Path(cfg.metrics_dir) / dataset / f"{method}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
+    dest.write_text(json.dumps(stable_record(metrics, rd), indent=2) + "\n")
+    return metrics.to_json()
+
+
+# Fields of a run's record that differ between two runs of the same pipeline: wall times, the
+# machine, the MLflow run id, the commit and command line. Kept in the run directory's
+# metrics.json; left out of the DVC metrics file.
+VOLATILE = ("seconds", "hardware", "mlflow_run_id", "git_commit", "command")
+VOLATILE_FIT = ("train_seconds", "resumes")
+
+
+def stable_record(metrics: RunMetrics, rd: RunDir) -> dict[str, Any]:
+    """The DVC metrics file: ``metrics`` without :data:`VOLATILE` fields, naming the run directory."""
+    out = {k: v for k, v in metrics.to_json().items() if k not in VOLATILE}
+    out["fit"] = {part: {k: v for k, v in f.items() if k not in VOLATILE_FIT} for part, f in out["fit"].items()}
+    return {**out, "run_dir": rd.path.as_posix()}
+
+
+def _log_run(rd: RunDir, spec: RunSpec, metrics: RunMetrics, plots: list[Path], params: dict[str, Any],
+             tcfg: tracking.TrackingConfig, parent_run_id: str | None) -> str:
+    """One MLflow run: params, per-epoch history, final metrics, artefacts and the pyfunc model."""
+    import mlflow
+
+    tags = {"dataset": spec.dataset, "method": metrics.method, "model": spec.model, "variant": spec.variant,
+            "protocols": ",".join(metrics.protocols), "val_protocol": spec.train.val_protocol,
+            "val_metric": spec.train.val_metric, "git_commit": metrics.git_commit,
+            "data_version": metrics.data_version.get("split.parquet", "unknown"),
+            "run_dir": str(rd.path), "cdsr.kind": "benchmark", **tracking.owner_tags()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=f"{spec.dataset}/{metrics.method}", tags=tags) as r:
+        tracking.log_params(rd.config())
+        mlflow.log_dict(metrics.data_version, "data_version.json")
+        tracking.log_history(metrics.history)
+        vals = tracking.final_metrics(metrics.to_json())
+        vals["val_metric"] = selection_value(metrics.validation, spec.train.val_metric, spec.train.val_aggregate)
+        mlflow.log_metrics(vals)
+        tracking.log_artifacts([rd.file(RunDir.CONFIG), rd.file(RunDir.METRICS), rd.file(RunDir.ROBUSTNESS)], "run")
+        tracking.log_artifacts(plots, "plots")
+        for steps in rd.steps_files():  # per-step loss, Pareto ratio
+            tracking.log_artifacts([steps], "steps" if steps.parent == rd.path else f"steps/{steps.parent.name}")
+        if tcfg.log_models:
+            from cdsr.track.pyfunc import log_pyfunc
+            from cdsr.track.serve import serve_config
+
+            items = Path(spec.data_root) / spec.dataset / "processed" / "items.parquet"
+            # the request limits of params `serve:` travel with the model (env: not at log time)
+            log_pyfunc(rd.path, items, name="model", serve=serve_config(params, env={}))
+        return r.info.run_id
 
 
 def _finished(run_id: str) -> bool:
@@ -327,35 +338,13 @@ def write_plots(dataset: str, method: str, metrics: dict[str, Any], cfg: Benchma
                     w.writeheader()
                     w.writerows(pts)
                 out.append(path)
+        from cdsr.report import plot_robustness
+
         png = run / f"robustness-{method}.png"
-        robustness_png(rob, method, png)
+        plot_robustness({method: metrics}, png)
         out.append(png)
     return out
 
 
 def _kinds(rows: list[dict], scope: str) -> list[str]:
     return sorted({r["kind"] for r in rows if r["scope"] == scope and r["kind"] != "clean"})
-
-
-def robustness_png(rows: list[dict], method: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for scope in ("inference", "train"):
-        clean = [r for r in rows if r["scope"] == scope and r["kind"] == "clean"]
-        for kind in _kinds(rows, scope):
-            pts = clean + sorted((r for r in rows if r["scope"] == scope and r["kind"] == kind), key=lambda r: r["p"])
-            ax.plot([r["p"] for r in pts], [r["NDCG@10"] for r in pts], marker="o",
-                    linestyle="-" if scope == "inference" else "--", label=f"{scope}: {kind}")
-    ax.set_xlabel("noise level p")
-    ax.set_ylabel("test NDCG@10")
-    ax.set_title(f"robustness: {method}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

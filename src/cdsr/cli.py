@@ -160,17 +160,10 @@ def presets_list(params: Optional[Path] = PARAMS) -> None:
 
 def _tuned_sets(path: Path, dataset: str) -> list[str]:
     """The overrides of a `cdsr tune` result file, refused when it was tuned on another dataset."""
-    from cdsr.train.run import as_overrides
+    from cdsr.runs import as_overrides
+    from cdsr.tune import read_tuned
 
-    try:
-        best = json.loads(path.read_text())
-        chosen = best["params"]
-        study = str(best.get("study", ""))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a readable `cdsr tune` result ({exc})") from exc
-    if not isinstance(chosen, dict) or study.split("/", 1)[0] != dataset:
-        raise ConfigError(f"{path}: the result of study {study!r}, not of a study on dataset {dataset}")
-    return as_overrides(chosen)
+    return as_overrides(read_tuned(path, dataset)["params"])
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -215,7 +208,8 @@ def train(
 
     Re-running the same command resumes an interrupted run from its checkpoint and skips a finished one."""
     from cdsr.presets import expand
-    from cdsr.train.run import apply_overrides, train_run
+    from cdsr.runs import RunDir, RunSpec, apply_overrides
+    from cdsr.train.run import train_spec
 
     _progress_log()
     p = _declared(dataset, params)
@@ -229,8 +223,8 @@ def train(
         base = (preset or model) + ("-tuned" if tuned is not None else "")
         name = f"{base}-s{seed}" if preset is not None and variant == "merged" else f"{base}-{variant}-s{seed}"
         out = out or Path("runs") / dataset / name
-        p = apply_overrides(p, model, sets)
-        m = train_run(dataset, model, variant, p, out, seed=seed, epochs=epochs, data_root=root)
+        spec = RunSpec.build(apply_overrides(p, model, sets), dataset, model, variant, seed, epochs, root)
+        m = train_spec(spec, RunDir(out)).to_json()
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         _fail(str(exc))
     for proto, res in m["protocols"].items():
@@ -243,7 +237,9 @@ def train(
 def _run_json(run: Path, out: Optional[Path], default_name: str, compute) -> tuple[dict, Path]:
     """A command on a trained run directory: check it, ``compute()``, write the JSON result to
     ``out`` (default ``run/default_name``); known errors become one-line failures."""
-    if not (run / "config.json").exists():
+    from cdsr.runs import RunDir
+
+    if not RunDir(run).has_config():
         _fail(f"{run}: not a run directory (no config.json)")
     _output_file(out)
     try:
@@ -274,12 +270,8 @@ def evaluate(
 
 
 def _flows():
-    """The Prefect flows live in ``flows/`` at the project root (next to params.yaml)."""
-    root = Path.cwd()
-    if not (root / "flows").is_dir():
-        _fail(f"{root} has no flows/ directory: run cdsr from the project root")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    """Start what the Prefect flows need. The flows (``flows/`` at the project root) are installed
+    with cdsr, so they import from any directory."""
     from cdsr.orchestrate import start_temporary_server
 
     start_temporary_server()  # Prefect's temporary server, ended by the kernel if this process is killed
@@ -386,10 +378,9 @@ def report(
     if log_mlflow:
         import mlflow
 
-        from cdsr.config import from_dict
         from cdsr.track import tracking
 
-        tcfg = from_dict(tracking.TrackingConfig, load_params(params).get("mlflow"), "mlflow")
+        tcfg = tracking.tracking_config(load_params(params))
         tracking.setup(tcfg)
         tracking.use_experiment(dataset, tcfg)
         with mlflow.start_run(run_name=f"report/{dataset}", tags={"dataset": dataset, "cdsr.kind": "report"}):
@@ -441,10 +432,9 @@ def analyze_orthogonality(
     if runs:
         curves = curves_from_dirs(runs, metric)
     else:
-        from cdsr.config import from_dict
         from cdsr.track import tracking
 
-        tcfg = from_dict(tracking.TrackingConfig, load_params(params).get("mlflow"), "mlflow")
+        tcfg = tracking.tracking_config(load_params(params))
         tracking.setup(tcfg)
         try:
             curves = curves_from_mlflow(tracking.experiment_name(dataset, tcfg), metric, study, filter_string)
@@ -481,6 +471,91 @@ def analyze_ties(
     res, dest = _run_json(run, out, f"ties-{split}.json", lambda: compare_estimators(run, split, k, draws, seed))
     typer.echo(format_table(res))
     typer.echo(f"written: {dest}")
+
+
+study_app = typer.Typer(help="Method studies: a declarative grid of variants, trained over seeds and reported as markdown.",
+                        no_args_is_help=True)
+app.add_typer(study_app, name="study")
+STUDY_DATASET = typer.Option(None, "--dataset", "-d", help="Dataset (default: the study's own, see `cdsr study list`).")
+STUDY_OUT = typer.Option(None, "--out", "-o", help="Runs folder: <out>/<dataset>/<variant>-s<seed> (default: the study's own).")
+STUDY_NAME = typer.Argument(..., help="A study (see `cdsr study list`).")
+STUDY_SEEDS = typer.Option([], "--seeds", help="Seeds, repeated or comma-separated: --seeds 1,2,3 (default: the study's).")
+STUDY_VARIANTS = typer.Option([], "--variants", help="Variants of the grid, repeated or comma-separated (default: all).")
+STUDY_SETS = typer.Option([], "--set", help="Override a param in every run (after the study's own): train.epochs=1, model.d=8.")
+
+
+def _split_list(values: list[str]) -> list[str]:
+    """Repeated and/or comma-separated option values: ``--seeds 1,2 --seeds 3`` -> 1, 2, 3."""
+    return [v for item in values for v in item.replace(",", " ").split()]
+
+
+def _study(name: str):
+    from cdsr.studies import StudyError, get
+
+    try:
+        return get(name)
+    except StudyError as exc:
+        _fail(str(exc))
+
+
+@study_app.command("list")
+def study_list() -> None:
+    """List the studies (name first): default dataset, output folder and variants."""
+    from cdsr.studies import STUDIES
+
+    for name, st in STUDIES.items():
+        typer.echo(f"{name:10s} {st.dataset:32s} {st.out:16s} {', '.join(st.grid)}")
+
+
+@study_app.command("run")
+def study_run(
+    name: str = STUDY_NAME,
+    dataset: str | None = STUDY_DATASET,
+    seeds: list[str] = STUDY_SEEDS,
+    variants: list[str] = STUDY_VARIANTS,
+    sets: list[str] = STUDY_SETS,
+    out: Path | None = STUDY_OUT,
+    params: Path | None = PARAMS,
+    root: Path = ROOT,
+) -> None:
+    """Train every missing (variant, seed) of a study's grid into <out>/<dataset>/<variant>-s<seed>
+    (a finished run is skipped, an interrupted one resumes); `cdsr study report` prints the tables."""
+    from cdsr.studies import StudyError
+    from cdsr.studies.grid import train_grid
+
+    st = _study(name)
+    dataset = dataset or st.dataset
+    base = _declared(dataset, params)
+    try:
+        seed_list = [int(s) for s in _split_list(seeds)]
+    except ValueError:
+        _fail(f"--seeds {' '.join(seeds)}: expected integers")
+    _progress_log()
+    out = out or Path(st.out)
+    try:
+        trained = train_grid(st, dataset, out, base, seed_list, _split_list(variants), sets, root, log=typer.echo)
+    except (StudyError, ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(trained)} run(s) trained under {out / dataset}; tables: "
+               f"cdsr study report {name} --dataset {dataset} --out {out}")
+
+
+@study_app.command("report")
+def study_report(
+    name: str = STUDY_NAME,
+    dataset: str | None = STUDY_DATASET,
+    out: Path | None = STUDY_OUT,
+    root: Path = ROOT,
+) -> None:
+    """Print a study's report (markdown) over its finished runs; study-specific extras a run
+    lacks (attention mass, inference-step sweeps, robustness) are computed and cached first."""
+    st = _study(name)
+    dataset = _safe_name(dataset or st.dataset)
+    try:
+        text = st.report(st, dataset, out or Path(st.out), root)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(text)
 
 
 @app.command("serve")

@@ -104,6 +104,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def check_choices(obj: Any, where: str) -> None:
+    """Refuse a value outside its ``Literal[...]`` annotation in a config dataclass built
+    directly (the params parser, :func:`from_dict`, checks them on the way in)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is typing.Literal and getattr(obj, f.name) not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{where}.{f.name} must be one of {choices}, not {getattr(obj, f.name)!r}")
+
+
 def from_dict(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass ``cls`` from a mapping; unknown or mistyped keys raise ConfigError."""
     if data is None:

@@ -1,7 +1,7 @@
 """Offline and quiet defaults for every tool the project drives.
 
 Imported first by the CLI, the flows and the tests, so no tool phones home or prints
-telemetry errors on a machine without network (../shared/spec/STACK.md). Values already set
+telemetry errors on a machine without network (docs/stack.md "Offline settings"). Values already set
 in the environment win, so a user can still point a tool elsewhere.
 """
 

@@ -14,14 +14,17 @@ listed with their trial counts, best validation value and wall time.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
+from cdsr.config import ConfigError
+from cdsr.evaluate.results import ResultsError, RunMetrics
+
 # ABXI's published Food-Kitchen numbers (official code README v2.1, mean of 5 seeds, sampled-999
-# with negatives redrawn per evaluation and ties in the target's favour; EVALUATION.md).
+# with negatives redrawn per evaluation and ties in the target's favour;
+# docs/protocols.md "Published reference numbers").
 PUBLISHED = {
     "amazon-food-kitchen-benchmark": {
         "name": "ABXI (published, 5 seeds)", "protocol": "sampled-999",
@@ -40,26 +43,29 @@ def _stats(xs: list[float]) -> dict[str, float | None]:
 
 def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
     """The groups of finished runs of ``dataset`` under ``roots`` (see the module docstring)."""
-    found: dict[str, list[tuple[int, dict]]] = {}
+    found: dict[str, list[tuple[int, RunMetrics]]] = {}
     for root in map(Path, roots):
         for f in sorted(root.rglob("metrics.json")):
-            m = _read(f)
-            if m is None or m.get("dataset") != dataset or "protocols" not in m:
+            try:
+                m = RunMetrics.read(f)
+            except ResultsError:  # not a run's record (e.g. another tool's metrics.json)
+                continue
+            if m.dataset != dataset:
                 continue
             rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
             hit = _SEED.match(rel)
-            name, seed = (hit["name"], int(hit["seed"])) if hit else (rel, int(m.get("seed", 0)))
+            name, seed = (hit["name"], int(hit["seed"])) if hit else (rel, int(m.seed))
             found.setdefault(name, []).append((seed, m))
     groups = []
     for name, runs in sorted(found.items()):
         runs.sort(key=lambda r: r[0])
-        kinds = {(m["model"], m["variant"]) for _, m in runs}
+        kinds = {(m.model, m.variant) for _, m in runs}
         if len(kinds) > 1:
             raise ValueError(f"runs named {name!r} are of different models/variants {sorted(kinds)}: rename one")
         model, variant = kinds.pop()
         protos = {}
         for p in PROTOCOLS:
-            have = [m["protocols"][p] for _, m in runs if p in m["protocols"]]
+            have = [m.protocols[p] for _, m in runs if p in m.protocols]
             if len(have) != len(runs):
                 continue
             domains = {d: {k: _stats([h["domains"][d][k] for h in have]) for k in ("HR@5", *METRICS)}
@@ -67,28 +73,25 @@ def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
             protos[p] = domains
         groups.append({
             "name": name, "model": model, "variant": variant, "seeds": [s for s, _ in runs],
-            "parameters": runs[0][1].get("parameters"),
-            "seconds": _stats([float(m.get("seconds", float("nan"))) for _, m in runs]),
-            "epochs": [sum(int(v.get("epochs_run", 0)) for v in m.get("fit", {}).values()) for _, m in runs],
+            "parameters": runs[0][1].parameters,
+            "seconds": _stats([float(m.seconds if m.seconds is not None else float("nan")) for _, m in runs]),
+            "epochs": [m.epochs_run for _, m in runs],
             "protocols": protos,
         })
     return groups
 
 
-def _read(f: Path) -> dict | None:
-    try:
-        m = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return m if isinstance(m, dict) else None
-
-
 def studies(tuned_dir: Path, dataset: str) -> list[dict[str, Any]]:
     """``cdsr tune``'s result per model of ``dataset``: trials by state, best value, wall time."""
     out = []
+    from cdsr.tune import read_tuned
+
     for f in sorted((Path(tuned_dir) / dataset).glob("*.json")):
-        b = _read(f)
-        if b is None or "value" not in b:
+        try:
+            b = read_tuned(f)
+        except ConfigError:
+            continue
+        if "value" not in b:
             continue
         t = b.get("trials", {})
         out.append({"model": f.stem, "complete": t.get("COMPLETE", 0), "pruned": t.get("PRUNED", 0),

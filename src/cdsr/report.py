@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cdsr.evaluate.results import read_tracked
+
 HTML_NAME = "index.html"
 LEARNING_PNG = "learning_curves.png"
 ROBUSTNESS_PNG = "robustness.png"
@@ -62,7 +64,7 @@ def load_metrics(metrics_dir: Path) -> tuple[dict[str, dict[str, Any]], list[str
     warnings: list[str] = []
     for path in files:
         try:
-            data = json.loads(path.read_text())
+            data = read_tracked(path)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             warnings.append(f"{path.name}: unreadable ({exc})")
             data = {}
@@ -418,6 +420,14 @@ def _plot_robustness(methods: dict[str, dict], rob: dict, path: Path) -> list[st
     return plotted
 
 
+def plot_robustness(methods: dict[str, dict], path: Path) -> list[str]:
+    """The robustness figure of ``{method: metrics}`` (the report's, and the benchmark's per
+    method): NDCG@10 against the noise level p, one panel per noise kind and scope. Returns the
+    methods drawn."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _plot_robustness(methods, _robustness(methods), path)
+
+
 # ----------------------------------------------------------------------------------------- header
 
 
@@ -554,197 +564,5 @@ def _template():
 
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                       keep_trailing_newline=True)
-    return env.from_string(_TEMPLATE)
+    return env.from_string((Path(__file__).parent / "templates" / "report.html.j2").read_text())
 
-
-_TEMPLATE = """\
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{{ title }}</title>
-<style>
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; line-height: 1.4; }
-h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 14px; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; }
-th { background: #f3f3f3; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.best { background: #e8f4e8; }
-td.na { color: #888; font-style: italic; }
-tr.group td { border-top: 2px solid #999; }
-dl.meta dt { font-weight: bold; margin-top: .5em; }
-dl.meta dd { margin-left: 1.5em; }
-pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
-.warn { background: #fff4e0; border: 1px solid #e0b060; padding: .5em 1em; }
-.note { color: #666; font-size: 13px; }
-img { max-width: 100%; border: 1px solid #eee; }
-code { font-size: 13px; }
-</style>
-</head>
-<body>
-<h1>{{ title }}</h1>
-{% if warnings %}
-<div class="warn"><strong>Warnings</strong>
-<ul>{% for w in warnings %}<li>{{ w }}</li>{% endfor %}</ul>
-</div>
-{% endif %}
-
-{% macro who(g) %}{% if not g.all %} <span class="note">({{ g.methods | join(", ") }})</span>{% endif %}{% endmacro %}
-<dl class="meta" id="header">
-<dt>Dataset</dt><dd>{{ header.dataset }}</dd>
-<dt>Methods</dt><dd>{{ methods | join(", ") }}</dd>
-<dt>Generated</dt><dd>{{ header.generated }}</dd>
-<dt>Data version</dt>
-{% for g in header.data_versions %}
-<dd>{% if g.files %}{% for f, md5 in g.files %}<code>{{ f }}</code>: <code>{{ md5 }}</code>{% if not loop.last %}, {% endif %}{% endfor %}{% else %}{{ g.value }}{% endif %}{{ who(g) }}</dd>
-{% endfor %}
-<dt>Git commit{% if header.commits | rejectattr("value", "eq", NA) | list | length > 1 %}s{% endif %}</dt>
-{% for g in header.commits %}
-<dd>{% if g.value == NA %}{{ g.value }}{% else %}<code>{{ g.value }}</code>{% endif %}{{ who(g) }}</dd>
-{% endfor %}
-<dt>Hardware</dt>
-{% for g in header.hardware %}
-<dd>{{ g.value }}{{ who(g) }}</dd>
-{% endfor %}
-{% for k, v in header.extra %}
-<dt>{{ k }}</dt><dd>{{ v }}</dd>
-{% endfor %}
-<dt>Reproduce</dt>
-<dd><pre id="commands">{% for c in header.commands %}{{ c }}
-{% endfor %}</pre></dd>
-</dl>
-
-<table id="runs">
-<tr><th>method</th><th>model</th><th>variant</th><th>seed</th><th>MLflow run</th><th>git commit</th><th>command</th></tr>
-{% for r in header.runs %}
-<tr><td>{{ r.method }}</td><td>{{ r.model }}</td><td>{{ r.variant }}</td><td class="num">{{ r.seed }}</td>
-<td><code>{{ r.mlflow_run_id }}</code></td><td><code>{{ r.git_commit }}</code></td><td><code>{{ r.command }}</code></td></tr>
-{% endfor %}
-</table>
-
-{% macro metric_table(t) %}
-<table id="{{ t.anchor }}">
-<tr><th>method</th><th>scope</th>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for r in t.rows %}
-<tr{% if r.group_start %} class="group"{% endif %}><td>{{ r.method }}</td><td>{{ r.scope }}</td>
-{% if r.missing %}<td class="na" colspan="{{ t.columns | length }}">{{ NA }}</td>
-{% else %}{% for c in r.cells %}<td class="num{% if c.best %} best{% endif %}">{% if c.best %}<b>{{ c.text }}</b>{% else %}{{ c.text }}{% endif %}</td>{% endfor %}
-{% endif %}
-</tr>
-{% endfor %}
-</table>
-{% for n in t.notes %}<p class="note">{{ n }}</p>{% endfor %}
-{% endmacro %}
-
-<h2 id="test">Test metrics</h2>
-<p class="note">n = number of test targets. Best value per column in bold, compared among methods within each scope
-(overall, or one domain).</p>
-{% for t in protocols %}
-<h3>Protocol: {{ t.name }}</h3>
-{{ metric_table(t) }}
-{% if t.missing %}<p class="note">this protocol is not available for: {{ t.missing | join(", ") }}</p>{% endif %}
-{% else %}
-<p class="na">{{ NA }}</p>
-{% endfor %}
-
-<h2 id="validation-section">Validation and fit</h2>
-<h3>Validation metrics (protocol: {{ validation.protocol }})</h3>
-{{ metric_table(validation) }}
-<h3>Fit</h3>
-<table id="fit">
-<tr><th>method</th><th>part</th><th>best epoch</th><th>best val</th><th>epochs run</th><th>stopped early</th>
-<th>train seconds</th><th>parameters</th><th>total seconds</th></tr>
-{% for r in fit_rows %}
-<tr><td>{{ r.method }}</td><td{% if r.missing %} class="na"{% endif %}>{{ r.part }}</td>
-{% if r.missing %}<td class="na" colspan="5">{{ NA }}</td>
-{% else %}<td class="num">{{ r.best_epoch }}</td><td class="num">{{ r.best_val }}</td><td class="num">{{ r.epochs_run }}</td>
-<td>{{ r.stopped_early }}</td><td class="num">{{ r.train_seconds }}</td>
-{% endif %}
-<td class="num">{{ r.parameters }}</td><td class="num">{{ r.seconds }}</td></tr>
-{% endfor %}
-</table>
-
-<h2 id="learning">Learning curves</h2>
-{% if learning.image %}
-<img src="{{ learning.image }}" alt="training loss and validation {{ metric }} per epoch">
-{% if learning.missing %}<p class="note">history not available for: {{ learning.missing | join(", ") }}</p>{% endif %}
-{% else %}
-<p class="na">{{ NA }} (no method has a training history)</p>
-{% endif %}
-
-<h2 id="robustness">Robustness</h2>
-{% if robustness.table %}
-<p class="note">Protocol: {{ robustness.table.protocol }}. {{ metric }} under corruption rate p (p=0: clean).
-Table: relative drop of {{ metric }} against clean, in percent.</p>
-{% if robustness.image %}<img src="{{ robustness.image }}" alt="{{ metric }} against corruption rate per kind">{% endif %}
-<table id="robustness-table">
-<tr><th>method</th><th>scope</th><th>kind</th><th>clean {{ metric }}</th>{% for p in robustness.table.ps %}<th>p={{ p }}</th>{% endfor %}</tr>
-{% for r in robustness.table.rows %}
-<tr><td>{{ r.method }}</td>
-{% if r.missing %}<td class="na" colspan="{{ robustness.table.ps | length + 3 }}">{{ NA }}</td>
-{% else %}<td>{{ r.scope }}</td><td>{{ r.kind }}</td><td class="num">{{ r.clean }}</td>{% for c in r.cells %}<td class="num">{{ c }}</td>{% endfor %}
-{% endif %}
-</tr>
-{% endfor %}
-</table>
-{% else %}
-<p class="na">{{ NA }} (no method has robustness results)</p>
-{% endif %}
-
-{% if leaderboard %}
-<h2 id="leaderboard">Leaderboard</h2>
-<p class="note">Every trained configuration found under the given run directories: mean ± sample standard deviation
-over seeds, per target domain, on test; wall time per run and parameter count.</p>
-{% for t in leaderboard.tables %}
-<h3>Protocol: {{ t.protocol }}</h3>
-<table class="leaderboard">
-<tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for r in t.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="num"{% endif %}>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}
-</table>
-{% else %}
-<p class="na">{{ NA }} (no finished runs of this dataset)</p>
-{% endfor %}
-{% if leaderboard.versus %}
-<h3>Against {{ leaderboard.published.name }}, {{ leaderboard.published.protocol }} (seed means)</h3>
-<table class="leaderboard" id="versus-published">
-<tr>{% for c in leaderboard.versus.columns %}<th>{{ c }}</th>{% endfor %}</tr>
-{% for r in leaderboard.versus.rows %}<tr>{% for c in r %}<td{% if not loop.first %} class="num"{% endif %}>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}
-</table>
-{% endif %}
-{% if leaderboard.studies %}
-<h3>Tuning studies</h3>
-<table id="studies">
-<tr><th>model</th><th>complete</th><th>pruned</th><th>failed</th><th>best value</th><th>best trial</th><th>wall s</th></tr>
-{% for s in leaderboard.studies %}
-<tr><td>{{ s.model }}</td><td class="num">{{ s.complete }}</td><td class="num">{{ s.pruned }}</td><td class="num">{{ s.failed }}</td>
-<td class="num">{{ "%.4f" | format(s.best_value) }}</td><td class="num">{{ s.best_trial }}</td><td class="num">{{ s.wall_seconds if s.wall_seconds is not none else NA }}</td></tr>
-{% endfor %}
-</table>
-{% endif %}
-{% endif %}
-
-<h2 id="buckets">History-length buckets</h2>
-{% if buckets and buckets.has_any %}
-<p class="note">{{ metric }} by the length of the user's history, protocol {{ buckets.protocol }}, with the number of
-targets in each bucket (it can differ between merged and single-domain variants). Best per bucket in bold.</p>
-<table id="bucket-table">
-<tr><th>method</th>{% for b in buckets.buckets %}<th>{{ b }}</th>{% endfor %}</tr>
-{% for r in buckets.rows %}
-<tr><td>{{ r.method }}</td>
-{% if r.missing %}<td class="na" colspan="{{ buckets.buckets | length }}">{{ NA }}</td>
-{% else %}{% for c in r.cells %}<td class="num{% if c.best %} best{% endif %}">{% if c.best %}<b>{{ c.text }}</b>{% else %}{{ c.text }}{% endif %}{% if c.title %} <span class="note">({{ c.title }})</span>{% endif %}</td>{% endfor %}
-{% endif %}
-</tr>
-{% endfor %}
-</table>
-{% else %}
-<p class="na">{{ NA }}</p>
-{% endif %}
-</body>
-</html>
-"""

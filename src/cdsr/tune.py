@@ -34,11 +34,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cdsr.config import ConfigError, check_dataset_name, from_dict
+from cdsr.config import ConfigError, check_choices, check_dataset_name, from_dict
+from cdsr.runs import RunDir, RunSpec, apply_overrides, as_overrides, yaml_text
 from cdsr.track import tracking
-from cdsr.train.run import apply_overrides, as_overrides, train_run, yaml_text
+from cdsr.train.run import train_spec
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,14 @@ class PrunerConfig:
     - ``none``: no pruning.
     """
 
-    kind: str = "median"
+    kind: Literal["median", "hyperband", "successive_halving", "none"] = "median"
     n_startup_trials: int = 3
     n_warmup_steps: int = 2
     min_resource: int = 1
     reduction_factor: int = 3
 
     def __post_init__(self):
-        if self.kind not in ("median", "hyperband", "successive_halving", "none"):
-            raise ConfigError(f"tune.pruner.kind must be median, hyperband, successive_halving or none, not {self.kind!r}")
+        check_choices(self, "tune.pruner")
         if self.min_resource < 1 or self.reduction_factor < 2:
             raise ConfigError("tune.pruner: need min_resource >= 1 and reduction_factor >= 2")
 
@@ -270,21 +270,9 @@ def _first_use(fn, url: str, attempts: int = 5):
             time.sleep(0.5 * (i + 1))
 
 
-def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
-         storage: str | None = None, worker: int = 0, data_root: str | Path = "data",
-         preset: str | None = None) -> dict[str, Any]:
-    """Run trials until the study has ``trials`` finished ones; write and return the best.
-
-    ``preset`` (params.yaml ``presets:``): the trials start from the preset's settings (its model,
-    regime and selection metric) instead of params.yaml's; the study, its runs and its result
-    are named after the preset (``<dataset>/<preset>``, ``tuned/<dataset>/<preset>.json``); the
-    search space is ``tune.search_space.<preset>`` if declared, else the model's."""
-    import mlflow
-    import optuna
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
-
-    check_dataset_name(dataset)
+def _what_to_tune(params: dict[str, Any], cfg: TuneConfig, model: str | None,
+                  preset: str | None) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """``(model, study name, params with the preset applied, search space)``."""
     if preset is not None:
         from cdsr.presets import expand
 
@@ -297,16 +285,29 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
     if not space:
         raise ConfigError(f"tune.search_space has no entry for model '{model}'")
     check_space(name, space)
-    total = trials if trials is not None else cfg.trials
-    study = _first_use(lambda: open_study(dataset, name, cfg, worker, storage), storage_url(storage or cfg.storage))
-    tcfg = from_dict(tracking.TrackingConfig, params.get("mlflow"), "mlflow")
-    experiment = _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
-    reap(study, experiment)
-    from cdsr.evaluate.protocols import selection_value
-    from cdsr.train.loop import TrainConfig
+    return model, name, params, space
 
-    from_dict(TrainConfig, params.get("train"), "train")  # a config error before the study is opened
-    runs = Path(cfg.runs_dir) / dataset / name
+
+def _trial_dir(study, trial, runs: Path) -> Path:
+    """The trial's run directory: a retry resumes its original's; a fresh trial number never had
+    one in this study, so a directory already there is left from a deleted study of the same
+    name, holds another trial's run and is removed."""
+    retried = retried_trial_number(study, trial)
+    out = runs / f"trial-{retried if retried is not None else trial.number}"
+    if retried is None and out.exists():
+        shutil.rmtree(out)
+    trial.set_user_attr("run_dir", str(out))  # now: the clean-up must find pruned / running trials' dirs
+    return out
+
+
+def _objective(study, dataset: str, model: str, params: dict[str, Any], space: dict[str, Any], cfg: TuneConfig,
+               runs: Path, data_root: str | Path, preset: str | None):
+    """The Optuna objective: one training run per trial, its own nested MLflow run, the validation
+    selection value reported per epoch (Hyperband prunes on it) and returned at the end."""
+    import mlflow
+    import optuna
+
+    from cdsr.evaluate.protocols import selection_value
 
     def objective(trial) -> float:
         chosen = suggest(trial, space)
@@ -317,14 +318,7 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
             if dup.user_attrs.get("run_dir"):
                 trial.set_user_attr("run_dir", dup.user_attrs["run_dir"])
             return float(dup.value)
-        retried = retried_trial_number(study, trial)
-        out = runs / f"trial-{retried if retried is not None else trial.number}"  # a retry resumes
-        if retried is None and out.exists():
-            # a fresh trial number never had a directory in this study: it is left from a deleted
-            # study of the same name, and holds another trial's run
-            shutil.rmtree(out)
-        trial.set_user_attr("run_dir", str(out))  # now: the clean-up must find pruned / running trials' dirs
-        p = apply_overrides(params, model, as_overrides(chosen))
+        out = _trial_dir(study, trial, runs)
         # not `with start_run()`: it ends a run left by an exception as FAILED, and a pruned trial did not fail
         mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                          tags={"dataset": dataset, "model": model, "cdsr.kind": "tune-trial", "preset": preset or "",
@@ -333,8 +327,8 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
         status = "FAILED"
         try:
             mlflow.log_params(chosen)
-
-            tc = from_dict(TrainConfig, p.get("train"), "train")  # the trial's (a space may set val_*)
+            spec = RunSpec.build(apply_overrides(params, model, as_overrides(chosen)), dataset, model, "merged",
+                                 cfg.seed, cfg.epochs, data_root)  # a space may set train.val_*: the trial's own
 
             def on_epoch(epoch: int, record: dict) -> None:
                 if "val_selection" not in record:
@@ -347,9 +341,8 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
                     mlflow.set_tag("optuna.state", "PRUNED")
                     raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-            m = train_run(dataset, model, "merged", p, out, seed=cfg.seed, epochs=cfg.epochs, data_root=data_root,
-                          on_epoch=on_epoch)
-            value = selection_value(m["validation"], tc.val_metric, tc.val_aggregate)
+            m = train_spec(spec, RunDir(out), on_epoch=on_epoch)
+            value = selection_value(m.validation, spec.train.val_metric, spec.train.val_aggregate)
             mlflow.log_metric("val_metric", value)
             mlflow.set_tag("optuna.state", "COMPLETE")
             status = "FINISHED"
@@ -360,6 +353,46 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
         finally:
             mlflow.end_run(status)
 
+    return objective
+
+
+def _remove_trial_runs(study, best: dict[str, Any], runs: Path, finished: tuple) -> None:
+    """Delete the finished trials' run directories except the best one's and running trials'."""
+    from optuna.trial import TrialState
+
+    keep = {t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+    keep.add(best.get("run_dir"))
+    for t in study.get_trials(deepcopy=False, states=finished):
+        d = t.user_attrs.get("run_dir") or str(runs / f"trial-{t.number}")
+        if d not in keep and Path(d).exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
+         storage: str | None = None, worker: int = 0, data_root: str | Path = "data",
+         preset: str | None = None) -> dict[str, Any]:
+    """Run trials until the study has ``trials`` finished ones; write and return the best.
+
+    ``preset`` (params.yaml ``presets:``): the trials start from the preset's settings (its model,
+    regime and selection metric) instead of params.yaml's; the study, its runs and its result
+    are named after the preset (``<dataset>/<preset>``, ``tuned/<dataset>/<preset>.json``); the
+    search space is ``tune.search_space.<preset>`` if declared, else the model's."""
+    import mlflow
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from cdsr.train.config import TrainConfig
+
+    check_dataset_name(dataset)
+    model, name, params, space = _what_to_tune(params, cfg, model, preset)
+    total = trials if trials is not None else cfg.trials
+    study = _first_use(lambda: open_study(dataset, name, cfg, worker, storage), storage_url(storage or cfg.storage))
+    tcfg = tracking.tracking_config(params)
+    experiment = _first_use(lambda: tracking.use_experiment(dataset, tcfg), tracking.setup(tcfg))
+    reap(study, experiment)
+    from_dict(TrainConfig, params.get("train"), "train")  # a config error before the study is opened
+    runs = Path(cfg.runs_dir) / dataset / name
+    objective = _objective(study, dataset, model, params, space, cfg, runs, data_root, preset)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     with mlflow.start_run(run_name=f"tune/{dataset}/{name}",
@@ -373,12 +406,7 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
         mlflow.log_metric("best_value", best["value"])
         mlflow.log_dict(best, "best.json")
     if not cfg.keep_trial_runs:
-        keep = {t.user_attrs.get("run_dir") for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
-        keep.add(best.get("run_dir"))
-        for t in study.get_trials(deepcopy=False, states=finished):
-            d = t.user_attrs.get("run_dir") or str(runs / f"trial-{t.number}")
-            if d not in keep and Path(d).exists():
-                shutil.rmtree(d, ignore_errors=True)
+        _remove_trial_runs(study, best, runs, finished)
     return best
 
 
@@ -409,7 +437,28 @@ def write_best(study, dataset: str, model: str, cfg: TuneConfig, space: dict[str
                if t.datetime_start is not None and t.datetime_complete is not None)
     best = {"study": study.study_name, "trial": bt.number, "value": bt.value, "params": decode(bt.params, space or {}),
             "run_dir": bt.user_attrs.get("run_dir"), "trials": states, "wall_seconds": round(wall, 1)}
-    dest = Path(cfg.tuned_dir) / dataset / f"{model}.json"
+    dest = tuned_path(cfg.tuned_dir, dataset, model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(best, indent=2) + "\n")
     return {**best, "path": str(dest)}
+
+
+def tuned_path(tuned_dir: str | Path, dataset: str, name: str) -> Path:
+    """Where a study's result lives: ``<tuned_dir>/<dataset>/<model or preset>.json``."""
+    return Path(tuned_dir) / dataset / f"{name}.json"
+
+
+def read_tuned(path: str | Path, dataset: str | None = None) -> dict[str, Any]:
+    """A study's result (written by :func:`write_best`); with ``dataset``, refused unless the
+    study ran on that dataset. Raises ConfigError naming the file."""
+    path = Path(path)
+    try:
+        best = json.loads(path.read_text())
+        chosen, study = best["params"], str(best.get("study", ""))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a readable `cdsr tune` result ({exc})") from exc
+    if not isinstance(chosen, dict):
+        raise ConfigError(f"{path}: not a readable `cdsr tune` result ('params' is not a mapping)")
+    if dataset is not None and study.split("/", 1)[0] != dataset:
+        raise ConfigError(f"{path}: the result of study {study!r}, not of a study on dataset {dataset}")
+    return best

@@ -94,6 +94,23 @@ def test_null_user_fails_and_still_writes_outputs(tmp_path: Path) -> None:
     assert (tmp_path / "data_docs" / "index.html").is_file()
 
 
+def test_wall_time_goes_to_the_timing_file_not_the_report(tmp_path: Path) -> None:
+    """validation.json and the Data Docs are a DVC output: the same bytes for the same table
+    (the wall time is in the timing file, written also when validation fails)."""
+    df = interactions()
+    validate_interactions(df, make_cfg(), tmp_path / "a", timing_file=tmp_path / "a_timing.json")
+    validate_interactions(df, make_cfg(), tmp_path / "b")
+    timing = json.loads((tmp_path / "a_timing.json").read_text())
+    assert timing["elapsed_s"] >= 0 and timing["started_at"].endswith("Z")
+    assert not (tmp_path / "b_timing.json").exists()
+    a = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    b = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert a == b and "elapsed_s" not in json.loads(a[Path("validation.json")])
+    fails(validate_sequences, seq_long({0: [1, 3, 2, 4], 1: [2, 1]}), items(), make_cfg([]), tmp_path / "c",
+          tmp_path / "c_timing.json", check="leave_one_out_min_events")
+    assert json.loads((tmp_path / "c_timing.json").read_text())["elapsed_s"] >= 0
+
+
 def test_empty_item_fails(tmp_path: Path) -> None:
     df = interactions()
     df.loc[2, "item_id"] = "  "

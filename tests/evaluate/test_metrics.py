@@ -1,4 +1,4 @@
-"""Ranks and metrics against hand-computed values (EVALUATION.md, "Metrics")."""
+"""Ranks and metrics against hand-computed values (docs/protocols.md "Metrics")."""
 
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from cdsr.models.autocdsr import AutoCDSRPlus, ib_attention_mask, ib_attention_m
 from cdsr.models.base import Vocab
 from cdsr.models.layers import cross_domain_attention_mass
 from cdsr.models.registry import build_model, get_spec, model_config
-from cdsr.train.loop import STRATEGIES, StandardStrategy, TrainConfig
+from cdsr.train.config import TrainConfig
+from cdsr.train.strategy import STRATEGIES, StandardStrategy
 
 VOCAB = Vocab(n_items=60, domain_ranges=((1, 20), (21, 40), (41, 60)), domain_names=("A", "B", "C"))
 NAMES = ["autocdsr_sasrec", "autocdsr_bert4rec", "autocdsr_plus"]

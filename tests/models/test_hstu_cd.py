@@ -1,5 +1,5 @@
 """HSTU-CD: the attention implementations agree, the compute really shrinks, TAPE and DDSR do
-what METHODS.md says, and no future item reaches position i."""
+what docs/methods.md "HSTU-CD" says, and no future item reaches position i."""
 
 from __future__ import annotations
 

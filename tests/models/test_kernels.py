@@ -157,7 +157,7 @@ def test_last_position_encoder_equals_the_full_one(name):
 
 
 def test_amp_dtype_follows_the_device():
-    from cdsr.train.loop import amp_dtype
+    from cdsr.train.config import amp_dtype
 
     cpu = amp_dtype(torch.device("cpu"))
     assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)

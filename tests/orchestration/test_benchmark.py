@@ -15,6 +15,8 @@ import pytest
 import yaml
 from helpers import TINY
 
+from cdsr.evaluate.results import read_tracked
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -46,8 +48,6 @@ def _write(tmp: Path, params: dict) -> Path:
 def bench(tmp_path_factory, tiny_root):
     """One benchmark of sasrec + bert4rec, plus an hstu whose config is broken."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from flows.benchmark import run_benchmark
 
     tmp = tmp_path_factory.mktemp("bench")
@@ -67,7 +67,7 @@ def test_benchmark_writes_metrics_plots_and_mlflow_runs(bench, tiny_root):
     tmp, _, params = bench
     files = sorted(p.stem for p in (tmp / "metrics" / "t").glob("*.json"))
     assert files == ["bert4rec", "sasrec"]  # the broken hstu lost nothing of the others
-    m = json.loads((tmp / "metrics" / "t" / "sasrec.json").read_text())
+    m = read_tracked(tmp / "metrics" / "t" / "sasrec.json")  # completed from its run directory
     for key in ("dataset", "model", "variant", "protocols", "validation", "fit", "history", "robustness"):
         assert key in m
     assert set(m["protocols"]) == {"full", "sampled-100"}
@@ -115,12 +115,12 @@ def test_benchmark_rerun_reuses_finished_runs(bench, tiny_root):
     tmp, _, params = bench
     params = dict(params, benchmark={**params["benchmark"], "methods": ["sasrec"]})
     path = _write(tmp, params)
-    before = json.loads((tmp / "metrics" / "t" / "sasrec.json").read_text())
+    before = read_tracked(tmp / "metrics" / "t" / "sasrec.json")
     run_dir = next((tmp / "runs" / "t" / "sasrec").iterdir())
     stamp = (run_dir / "last.pt").stat().st_mtime_ns
     out = run_benchmark("t", str(path), str(tiny_root))
     assert out["sasrec"]["ok"]
-    after = json.loads((tmp / "metrics" / "t" / "sasrec.json").read_text())
+    after = read_tracked(tmp / "metrics" / "t" / "sasrec.json")
     assert after["mlflow_run_id"] == before["mlflow_run_id"]
     assert after["protocols"] == before["protocols"]
     assert (run_dir / "last.pt").stat().st_mtime_ns == stamp
@@ -137,7 +137,7 @@ def _ranked(tmp: Path, params: dict) -> list[tuple[str, str, float]]:
     """(method, run id, validation NDCG@10 in the tracking store), best first."""
     out = []
     for f in sorted((tmp / "metrics" / "t").glob("*.json")):
-        run_id = json.loads(f.read_text())["mlflow_run_id"]
+        run_id = read_tracked(f)["mlflow_run_id"]
         out.append((f.stem, run_id, _store_value(params, run_id)))
     out.sort(key=lambda r: -r[2])
     assert out[0][2] > out[1][2], out  # the tests below need a strictly better and a worse model
@@ -343,13 +343,13 @@ def test_killed_benchmark_resumes_from_checkpoint_and_keeps_finished_work(tmp_pa
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    first = json.loads(sas.read_text())
+    first = read_tracked(sas)
     sas_run = next((tmp_path / "runs" / "t" / "sasrec").iterdir())
     sas_stamp = (sas_run / "metrics.json").stat().st_mtime_ns
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert (sas_run / "metrics.json").stat().st_mtime_ns == sas_stamp  # not retrained
-    assert json.loads(sas.read_text())["mlflow_run_id"] == first["mlflow_run_id"]  # not re-logged
+    assert read_tracked(sas)["mlflow_run_id"] == first["mlflow_run_id"]  # not re-logged
     fit = json.loads(next(bert.glob("*/fit.json")).read_text())["fit"]["merged"]
     assert fit["resumes"], "bert4rec started over instead of resuming"
     hist = json.loads(next(bert.glob("*/history.json")).read_text())

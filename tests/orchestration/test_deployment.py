@@ -24,6 +24,8 @@ import pytest
 import yaml
 from servers import free_port, start, stop, tail, wait_http
 
+from cdsr.evaluate.results import read_tracked
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -169,10 +171,10 @@ def _check_outputs(tmp: Path, data_root: Path) -> None:
     tuned = json.loads((tmp / "tuned" / "tiny" / "sasrec.json").read_text())
     assert tuned["study"] == "tiny/sasrec"
     assert tuned["trials"]["COMPLETE"] + tuned["trials"]["PRUNED"] == 1  # the budget: --trials 1
-    metrics = json.loads((tmp / "metrics" / "tiny" / "sasrec.json").read_text())
+    metrics = read_tracked(tmp / "metrics" / "tiny" / "sasrec.json")  # completed from its run directory
     assert metrics["mlflow_run_id"] and list(metrics["protocols"]) == ["full"]
     assert metrics["protocols"]["full"]["overall"]["n"] > 0 and metrics["robustness"]
-    decision = json.loads((tmp / "metrics" / "promotion" / "tiny.json").read_text())
+    decision = json.loads((tmp / "metrics" / "promotion" / "tiny.runs.json").read_text())  # with the run ids
     assert decision["promoted"] is True and decision["decision"] == "promoted", decision
     assert decision["registered_model"] == "cdsr-tiny" and decision["candidate_method"] == "sasrec"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -427,7 +427,7 @@ def test_every_registered_model_has_a_search_space_of_real_fields():
 
     from cdsr.config import load_params
     from cdsr.models.registry import MODELS
-    from cdsr.train.loop import TrainConfig
+    from cdsr.train.config import TrainConfig
 
     spaces = load_params()["tune"]["search_space"]
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -469,7 +469,7 @@ def test_successive_halving_and_hyperband_pruners(tmp_path, tiny_root, mlflow_st
 def test_list_valued_choices_are_suggested_as_text_and_read_back():
     import optuna
 
-    from cdsr.train.run import apply_overrides, as_overrides
+    from cdsr.runs import apply_overrides, as_overrides
     from cdsr.tune import decode, suggest
 
     space = {"model.gca_layers": {"choices": [[0], [1], [0, 1]]}, "train.lr": {"choices": [0.001]}}

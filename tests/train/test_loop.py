@@ -13,7 +13,8 @@ from cdsr.data.loaders import SplitData
 from cdsr.evaluate.protocols import EvalConfig
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model, model_config
-from cdsr.train.loop import TrainConfig, TrainingInterrupted, fit
+from cdsr.train.config import TrainConfig
+from cdsr.train.loop import TrainingInterrupted, fit
 from cdsr.train.run import set_seed, train_run
 
 SMALL = {"d": 16, "layers": 1, "heads": 2, "max_len": 20, "dropout": 0.2}
@@ -88,7 +89,7 @@ def test_step_log_keeps_exactly_the_checkpointed_steps(tmp_path):
     kill between the append and the checkpoint write) so that no step appears twice."""
     import csv
 
-    from cdsr.train.loop import StepLog
+    from cdsr.runs import StepLog
 
     log = StepLog(tmp_path / "steps.csv")
     for s in range(1, 6):

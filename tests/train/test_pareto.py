@@ -15,7 +15,8 @@ from torch import nn
 
 from cdsr.config import from_dict
 from cdsr.train import pareto
-from cdsr.train.loop import STRATEGIES, StandardStrategy, TrainConfig, select_strategy
+from cdsr.train.config import TrainConfig
+from cdsr.train.strategy import STRATEGIES, StandardStrategy, select_strategy
 from cdsr.train.pareto import (
     ParetoConfig,
     ParetoStrategy,

@@ -13,7 +13,8 @@ from cdsr.data.loaders import SplitData, TrainDataset
 from cdsr.evaluate.protocols import EvalConfig
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model, model_config
-from cdsr.train.loop import ScheduleConfig, TrainConfig, TrainingInterrupted, fit, lr_multiplier
+from cdsr.train.config import ScheduleConfig, TrainConfig, lr_multiplier
+from cdsr.train.loop import TrainingInterrupted, fit
 from cdsr.train.run import set_seed
 
 SMALL = {"d": 16, "layers": 1, "heads": 2, "max_len": 20, "dropout": 0.2}

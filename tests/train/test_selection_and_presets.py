@@ -16,7 +16,8 @@ from cdsr.evaluate.protocols import EvalConfig, rank_targets, selection_value, s
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model, model_config
 from cdsr.presets import expand, presets
-from cdsr.train.loop import TrainConfig, fit
+from cdsr.train.config import TrainConfig
+from cdsr.train.loop import fit
 from cdsr.train.run import set_seed
 
 runner = CliRunner()
@@ -81,7 +82,7 @@ def test_presets_expand_and_refuse_bad_entries():
 
 def test_the_project_presets_parse_and_build():
     from cdsr.config import load_params
-    from cdsr.train.run import apply_overrides, resolve
+    from cdsr.runs import apply_overrides, resolve
 
     p = load_params(Path(__file__).parents[2] / "params.yaml")
     assert "abxi-paper" in presets(p)

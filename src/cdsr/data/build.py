@@ -11,6 +11,10 @@ Layout under ``<root>/<dataset>/`` (root = ``data`` by default)::
     processed/sequences.parquet, items.parquet, users.parquet, stats.json   (sequences)
     processed/validation/         validation.json + data_docs/ (sequences: sequence tables)
     processed/split.parquet, negatives.parquet, split.json                 (split)
+
+The files above are the same bytes for the same inputs (DVC tracks them). The wall times are in
+``interim/ingest_timing.json``, ``interim/validation_timing.json`` and
+``processed/validation_timing.json``, which DVC does not track (cdsr.data.timing).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def stage_validate(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
 
     p = paths(cfg, data_root)
     df = pl.read_parquet(p.interim / "interactions.parquet").to_pandas()
-    return validate_interactions(df, cfg, p.interim / "validation")
+    return validate_interactions(df, cfg, p.interim / "validation", p.interim / "validation_timing.json")
 
 
 def stage_sequences(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
@@ -84,7 +88,7 @@ def stage_sequences(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
     p = paths(cfg, data_root)
     tables = build_sequences(pl.read_parquet(p.interim / "interactions.parquet"), cfg)
     validate_sequences(explode_sequences(tables.sequences).to_pandas(), tables.items.to_pandas(), cfg,
-                       p.processed / "validation")
+                       p.processed / "validation", p.processed / "validation_timing.json")
     write_sequences(tables, p.processed)
     return tables.stats
 

@@ -9,10 +9,19 @@ saying what it guards.
 asset + whole-dataframe batch definition + suite + ValidationDefinition + Checkpoint per table,
 runs them, then builds Data Docs once (what UpdateDataDocsAction does per checkpoint, but one
 build for all tables) and copies the static site to ``docs_dir``.
+
+The Data Docs are part of a DVC output (the stages' validation folders), so two runs on the same
+data write the same bytes: every checkpoint runs under one fixed run id (:data:`RUN_NAME` at
+:data:`RUN_TIME`, the Unix epoch, also the batches' load time; when a validation really ran is
+in the stage's timing file, cdsr.data.timing), the site lists suites and results in sorted
+order rather than the file system's, and :func:`_normalise_docs` renumbers the random ids GX
+writes into the pages and drops the render time from the logo's URL.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +31,8 @@ from typing import Any
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.store import TupleFilesystemStoreBackend
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.expectation import Expectation
 
@@ -36,6 +47,11 @@ INTERACTION_TYPES = {
 }
 SEQ_LONG_TYPES = {"user_idx": "int64", "pos": "int64", "item_idx": "int64", "domain_idx": "int64", "timestamp": "int64"}
 ITEM_TYPES = {"item_idx": "int64", "item_id": "str", "domain_idx": "int64", "domain": "str"}
+
+# the run id of every checkpoint (GX's default is the wall clock, which would change the pages,
+# their paths and the run/validation times they show on every run)
+RUN_NAME = "cdsr"
+RUN_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass
@@ -197,9 +213,14 @@ def run_suites(tables: list[GxTable], docs_dir: Path, result_format: str = "SUMM
     "partial_unexpected", ["error"]}}``. Always writes the docs (also when expectations fail).
     """
     out: dict[str, dict[str, Any]] = {}
+    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
     with tempfile.TemporaryDirectory(prefix="cdsr-gx-") as tmp:
         ctx = gx.get_context(mode="file", project_root_dir=tmp)
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        for name, site in (ctx.variables.data_docs_sites or {}).items():  # index in sorted order
+            site["store_backend"] = {**site["store_backend"], "module_name": __name__,
+                                     "class_name": SortedTupleFilesystemStoreBackend.__name__}
+            ctx.update_data_docs_site(name, site)
         ds = ctx.data_sources.add_pandas("cdsr")
         for t in tables:
             asset = ds.add_dataframe_asset(t.asset)
@@ -210,8 +231,12 @@ def run_suites(tables: list[GxTable], docs_dir: Path, result_format: str = "SUMM
             # (each site build recompiles GX's templates, ~0.7 s, so not one build per table)
             cp = ctx.checkpoints.add(gx.Checkpoint(name=t.asset, validation_definitions=[vd], actions=[],
                                                    result_format={"result_format": result_format}))
-            res = cp.run(batch_parameters={"dataframe": t.frame})
-            for vr in res.run_results.values():
+            res = cp.run(batch_parameters={"dataframe": t.frame}, run_id=run_id)
+            for result_id, vr in res.run_results.items():
+                markers = vr.meta.get("batch_markers") or {}
+                if "ge_load_time" in markers:  # when the frame was loaded: fixed like the run time
+                    markers["ge_load_time"] = result_id.run_id.to_tuple()[1]
+                    ctx.validation_results_store.set(result_id, vr)
                 for r in vr.results:
                     cfg = r.expectation_config
                     key = f"{t.asset}.{(cfg.meta or {}).get('check', cfg.type)}"
@@ -232,7 +257,38 @@ def run_suites(tables: list[GxTable], docs_dir: Path, result_format: str = "SUMM
         if docs_dir.exists():
             shutil.rmtree(docs_dir)
         shutil.copytree(site, docs_dir)
+    _normalise_docs(docs_dir)
     return out
+
+
+class SortedTupleFilesystemStoreBackend(TupleFilesystemStoreBackend):
+    """GX's file store, listing its keys sorted: Data Docs' index lists suites and validation
+    results in this order, which for the stock backend is the file system's (os.walk)."""
+
+    def list_keys(self, prefix: tuple = ()) -> list[tuple]:
+        return sorted(super().list_keys(prefix))
+
+
+# the random ids GX writes into the pages: HTML element ids of collapsible blocks (a uuid4 per
+# render) and the context's id in the logo's URL (with the render time), nothing taken from data
+_RANDOM_ID = re.compile(r"(collapse-body-|dataContextId=)([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+_RENDER_TIME = re.compile(r"(logo-long\.png)\?d=\d{8}T\d{6}\.\d{6}Z(&?)")  # ...png?d=<now>&dataContextId=...
+
+
+def _normalise_docs(docs_dir: Path) -> None:
+    """Make the Data Docs pages a function of the data alone: the random ids GX writes into
+    them are renumbered in order of first appearance over the pages in sorted path order (one
+    id shared by several pages stays one id), and the render time in the logo's URL is dropped."""
+    ids: dict[str, str] = {}
+
+    def renumber(m: re.Match[str]) -> str:
+        return m.group(1) + ids.setdefault(m.group(2), f"00000000-0000-4000-8000-{len(ids):012x}")
+
+    for page in sorted(docs_dir.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        new = _RANDOM_ID.sub(renumber, _RENDER_TIME.sub(lambda m: m.group(1) + ("?" if m.group(2) else ""), text))
+        if new != text:
+            page.write_text(new, encoding="utf-8")
 
 
 def _plain(v: Any) -> Any:

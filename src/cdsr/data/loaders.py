@@ -1,4 +1,4 @@
-"""torch datasets over a built split (ARCHITECTURE.md, "The model interface").
+"""torch datasets over a built split (docs/architecture.md "The model interface").
 
 Sequences are held as flat arrays + offsets, and a batch is cut out of them with one vectorised
 gather (no per-user Python work). Windows are right-aligned: the last column is the most recent

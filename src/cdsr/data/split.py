@@ -1,4 +1,4 @@
-"""Split stage: leave-one-out by time and the fixed sampled negatives (EVALUATION.md).
+"""Split stage: leave-one-out by time and the fixed sampled negatives (docs/protocols.md "Data split").
 
 For a user with n events (time-ordered), position n-1 is the **test** target, n-2 the
 **validation** target, and positions 1..n-3 are training targets. ``split.parquet`` holds one

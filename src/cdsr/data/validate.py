@@ -7,7 +7,9 @@ Two entry points, called by the pipeline stages after they write a table:
 
 Each runs both layers (pandera for exact row-level failures with examples, GX for the
 human-readable Data Docs), always writes ``out_dir/validation.json`` and ``out_dir/data_docs/``
-(open ``index.html``), then raises :class:`ValidationFailed` if any check failed.
+(open ``index.html``), then raises :class:`ValidationFailed` if any check failed. Both are the
+same bytes for the same tables (``out_dir`` is a DVC output); the wall time goes to
+``timing_file`` when one is given (cdsr.data.timing), and to the log.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pandera.errors import SchemaErrors
 from cdsr.data import expectations as gxs
 from cdsr.data import schemas
 from cdsr.data.config import DatasetConfig
+from cdsr.data.timing import write_timing
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +163,10 @@ def _scalar(v: Any) -> Any:
 
 def _finish(table: str, cfg: DatasetConfig, out_dir: Path, rows: int, frames: dict[str, pd.DataFrame],
             pandera_results: dict[str, Any], pandera_failures: list[dict[str, Any]],
-            gx_results: dict[str, dict[str, Any]], extra: dict[str, Any], t0: float) -> dict[str, Any]:
-    """Write validation.json (always), log, and raise ValidationFailed on any failure."""
+            gx_results: dict[str, dict[str, Any]], extra: dict[str, Any], t0: float,
+            timing_file: Path | None) -> dict[str, Any]:
+    """Write validation.json and the timing file (always), log, and raise ValidationFailed on
+    any failure."""
     gx_failed = {k: v for k, v in gx_results.items() if not v["success"]}
     failures: list[dict[str, Any]] = []
     for f in pandera_failures:
@@ -187,14 +192,13 @@ def _finish(table: str, cfg: DatasetConfig, out_dir: Path, rows: int, frames: di
                                for k, v in gx_results.items()},
         "failures": failures,
         "data_docs": "data_docs/index.html",
-        "elapsed_s": round(time.time() - t0, 3),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "validation.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    elapsed = write_timing(Path(timing_file), t0)["elapsed_s"] if timing_file is not None else time.time() - t0
     n_checks = len(pandera_results) + len(gx_results)
     if not failures:
-        log.info("%s of dataset '%s': %d checks passed on %d rows (%.1fs)", table, cfg.name, n_checks, rows,
-                 report["elapsed_s"])
+        log.info("%s of dataset '%s': %d checks passed on %d rows (%.1fs)", table, cfg.name, n_checks, rows, elapsed)
         return report
     raise ValidationFailed(_message(report, out_dir), report, out_dir)
 
@@ -216,11 +220,12 @@ def _message(report: dict[str, Any], out_dir: Path) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def validate_interactions(df: pd.DataFrame, cfg: DatasetConfig, out_dir: Path) -> dict:
+def validate_interactions(df: pd.DataFrame, cfg: DatasetConfig, out_dir: Path, timing_file: Path | None = None) -> dict:
     """Validate the canonical interactions table (layout in cdsr.data.ingest).
 
-    Writes ``out_dir/validation.json`` and ``out_dir/data_docs/``; returns the report, or
-    raises :class:`ValidationFailed` (after writing both) if any check failed.
+    Writes ``out_dir/validation.json``, ``out_dir/data_docs/`` and ``timing_file`` if given;
+    returns the report, or raises :class:`ValidationFailed` (after writing them) if any check
+    failed.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -232,17 +237,20 @@ def validate_interactions(df: pd.DataFrame, cfg: DatasetConfig, out_dir: Path) -
     g_res = gxs.run_suites(tables, out_dir / "data_docs")
     extra = {"policies": {"duplicates": cfg.ingest.duplicates, "domains": list(cfg.domains),
                           "timestamp_bounds": list(cfg.ingest.timestamp_bounds())}}
-    return _finish("interactions", cfg, out_dir, len(df), {"interactions": df}, p_res, p_fail, g_res, extra, t0)
+    return _finish("interactions", cfg, out_dir, len(df), {"interactions": df}, p_res, p_fail, g_res, extra, t0,
+                   timing_file)
 
 
-def validate_sequences(seq_long: pd.DataFrame, items: pd.DataFrame, cfg: DatasetConfig, out_dir: Path) -> dict:
+def validate_sequences(seq_long: pd.DataFrame, items: pd.DataFrame, cfg: DatasetConfig, out_dir: Path,
+                       timing_file: Path | None = None) -> dict:
     """Validate the exploded sequences and the item index (layouts in cdsr.data.sequences).
 
     Besides the row checks of both tables, a per-user summary (schemas.user_summary) carries
     the per-user constraints: >= 3 events, time order, contiguous positions and the filter
     thresholds that must hold on the final table (schemas.user_constraints).
-    Writes ``out_dir/validation.json`` and ``out_dir/data_docs/``; returns the report, or
-    raises :class:`ValidationFailed` (after writing both) if any check failed.
+    Writes ``out_dir/validation.json``, ``out_dir/data_docs/`` and ``timing_file`` if given;
+    returns the report, or raises :class:`ValidationFailed` (after writing them) if any check
+    failed.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -281,4 +289,4 @@ def validate_sequences(seq_long: pd.DataFrame, items: pd.DataFrame, cfg: Dataset
     extra = {"items": int(len(items)), "users": int(len(frames["users"])) if "users" in frames else None,
              "domains": n_domains, "user_constraints": constraints.describe(),
              "domains_required": cfg.sequences.domains_required, "skipped": skipped}
-    return _finish("sequences", cfg, out_dir, len(seq_long), frames, p_res, p_fail, g_res, extra, t0)
+    return _finish("sequences", cfg, out_dir, len(seq_long), frames, p_res, p_fail, g_res, extra, t0, timing_file)

@@ -1,5 +1,5 @@
 """Ranks of the target among its candidates, and the ranking metrics computed from them
-(EVALUATION.md, "Protocols" and "Metrics").
+(docs/protocols.md "Protocols", "Tie handling" and "Metrics").
 
 Tie rule (pessimistic): rank = 1 + #(candidates scoring strictly higher) + #(other candidates
 scoring exactly equal). A constant-score model therefore gets the *worst* rank (the number of

@@ -1,4 +1,4 @@
-"""Named evaluation protocols (EVALUATION.md, "Protocols"): candidates, ranks and summaries.
+"""Named evaluation protocols (docs/protocols.md "Protocols"): candidates, ranks and summaries.
 
 | name          | candidates for a target of domain d          | history excluded            |
 |---------------|----------------------------------------------|-----------------------------|
@@ -152,9 +152,6 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
         bs = cfg.batch_size
     else:
         bs = max(1, min(cfg.batch_size, MAX_SCORE_CELLS // v1))
-        lo_of = torch.as_tensor(data.domain_ranges[:, 0], device=device)
-        hi_of = torch.as_tensor(data.domain_ranges[:, 1], device=device)
-        ids = torch.arange(v1, device=device)[None, :]
 
     # a dot-product scorer (one that implements SeqRecModel.score_parts) is ranked per target
     # domain in bounded blocks (_rank_by_domain), so its encoder takes whole batches
@@ -173,37 +170,15 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
                 idx = np.arange(start, min(start + bs, len(ds)))
                 batch = {k: v.to(device) for k, v in ds[idx].items()}
                 target, tdom = batch["target"], batch["target_domain"]
-                b = len(idx)
                 if proto.sampled:
-                    cands = torch.cat([target[:, None], batch["negatives"]], 1)
-                    scores = model.score(batch, cands)
-                    if tuple(scores.shape) != tuple(cands.shape):
-                        raise ValueError(f"{type(model).__name__}.score returned {tuple(scores.shape)} for "
-                                         f"candidates {tuple(cands.shape)}")
-                    ranks = ranks_sampled(scores, batch["n_negatives"])
-                    n_cand = 1 + batch["n_negatives"]
+                    ranks, n_cand = _rank_sampled(model, batch)
                 elif (parts := parts_fn(batch) if parts_fn is not None else None) is not None:
                     hist = _history_pairs(data, ds.user[idx], ds.pos[idx]) if cfg.exclude_history else None
                     ranks, n_cand = _rank_by_domain(*parts, target, tdom, data.domain_ranges, proto.all_domains,
                                                     data.n_items, hist)
                 else:
-                    scores = model.score(batch, None)
-                    if tuple(scores.shape) != (b, v1):
-                        raise ValueError(f"{type(model).__name__}.score(batch, None) returned {tuple(scores.shape)}, "
-                                         f"expected {(b, v1)} (column = item id, 0 = padding)")
-                    if proto.all_domains:
-                        allowed = (ids >= 1).expand(b, v1).clone()
-                        n_cand = torch.full((b,), data.n_items, device=device)
-                    else:
-                        lo, hi = lo_of[tdom][:, None], hi_of[tdom][:, None]
-                        allowed = (ids >= lo) & (ids <= hi)
-                        n_cand = (hi - lo + 1)[:, 0]
-                    if cfg.exclude_history:
-                        rows, items = _history_pairs(data, ds.user[idx], ds.pos[idx])
-                        allowed[torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)] = False
-                        allowed[torch.arange(b, device=device), target] = True
-                        n_cand = allowed.sum(1, dtype=torch.int32)
-                    ranks = ranks_full(scores, target, allowed)
+                    hist = _history_pairs(data, ds.user[idx], ds.pos[idx]) if cfg.exclude_history else None
+                    ranks, n_cand = _rank_scored(model, batch, data, proto.all_domains, hist)
                 out["ranks"].append(ranks.cpu())
                 out["n_candidates"].append(n_cand.long().cpu())
                 out["domain"].append(tdom.cpu())
@@ -212,6 +187,44 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
     finally:
         model.train(was_training)
     return RankResult(**{k: torch.cat(v).long() for k, v in out.items()}, protocol=protocol)
+
+
+def _rank_sampled(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Ranks among [target, stored negatives] -> ``(ranks [B], candidates per row [B])``."""
+    cands = torch.cat([batch["target"][:, None], batch["negatives"]], 1)
+    scores = model.score(batch, cands)
+    if tuple(scores.shape) != tuple(cands.shape):
+        raise ValueError(f"{type(model).__name__}.score returned {tuple(scores.shape)} for "
+                         f"candidates {tuple(cands.shape)}")
+    return ranks_sampled(scores, batch["n_negatives"]), 1 + batch["n_negatives"]
+
+
+def _rank_scored(model: nn.Module, batch: dict[str, Tensor], data: SplitData, all_domains: bool,
+                 hist: tuple[np.ndarray, np.ndarray] | None) -> tuple[Tensor, Tensor]:
+    """Full-protocol ranks from ``model.score(batch, None)`` [B, n_items + 1]: the candidates are
+    the target domain's items (every item with ``all_domains``), minus the ``hist`` (row, item)
+    pairs; the target always stays a candidate."""
+    target, tdom = batch["target"], batch["target_domain"]
+    device, b, v1 = target.device, len(target), data.n_items + 1
+    scores = model.score(batch, None)
+    if tuple(scores.shape) != (b, v1):
+        raise ValueError(f"{type(model).__name__}.score(batch, None) returned {tuple(scores.shape)}, "
+                         f"expected {(b, v1)} (column = item id, 0 = padding)")
+    ids = torch.arange(v1, device=device)[None, :]
+    if all_domains:
+        allowed = (ids >= 1).expand(b, v1).clone()
+        n_cand = torch.full((b,), data.n_items, device=device)
+    else:
+        ranges = torch.as_tensor(data.domain_ranges, device=device)
+        lo, hi = ranges[tdom, 0][:, None], ranges[tdom, 1][:, None]
+        allowed = (ids >= lo) & (ids <= hi)
+        n_cand = (hi - lo + 1)[:, 0]
+    if hist is not None:
+        rows, items = hist
+        allowed[torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)] = False
+        allowed[torch.arange(b, device=device), target] = True
+        n_cand = allowed.sum(1, dtype=torch.int32)
+    return ranks_full(scores, target, allowed), n_cand
 
 
 # Scores per product in the per-domain ranking: 2^21 (8 MiB) stays in the caches, where a

@@ -1,4 +1,4 @@
-"""Robustness protocol (EVALUATION.md, "Robustness protocol (per method)").
+"""Robustness protocol (docs/protocols.md "Robustness protocol").
 
 Three kinds of seeded, reproducible corruption of a built split (:class:`SplitData`):
 
@@ -20,7 +20,7 @@ This follows DPG-Diff's robustness study (Beyond Negative Transfer: Disentangled
 Preference-Guided Diffusion for Cross-Domain Sequential Recommendation, arXiv 2509.00389, RQ3),
 which injects 10-30% random item substitutions / insertions into test sequences and reports the
 metric degradation; training-time noise and domain-label noise (AutoCDSR+ is known to depend on
-the domain labels) are the additions of EVALUATION.md.
+the domain labels) are this project's additions (docs/protocols.md "Robustness protocol").
 
 NOTE (choices):
 * Noise is Bernoulli per eligible event (independently with probability ``p``), so the corrupted
@@ -205,6 +205,12 @@ def perturb(data: SplitData, kind: str, p: float, seed: int, scope: str = "histo
                          offsets=data.offsets.copy(), targets=data.targets, negatives=data.negatives,
                          domain_ranges=data.domain_ranges, domain_names=data.domain_names, train_end=train_end)
 
+    return _insert(data, hit, rng, lo, size)
+
+
+def _insert(data: SplitData, hit: np.ndarray, rng: np.random.Generator, lo: np.ndarray, size: np.ndarray) -> SplitData:
+    """:func:`perturb`'s ``insert``: one random same-domain event before each ``hit`` event."""
+    n = len(data.items)
     # insert: C[j] = insertions before original event j (exclusive prefix count, length E + 1)
     c = np.concatenate([[0], np.cumsum(hit)]).astype(np.int64)
     new_at = np.arange(n, dtype=np.int64) + c[1:]  # new flat index of each original event

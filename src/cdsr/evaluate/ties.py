@@ -20,7 +20,6 @@ Every candidate set is scored once per draw; both tie rules read the same scores
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import numpy as np
 import polars as pl
 import torch
 
-from cdsr.config import from_dict
 from cdsr.data.loaders import EvalDataset
 from cdsr.data.split import sample_negatives
 from cdsr.evaluate.metrics import metrics_from_ranks, ranks_sampled
@@ -79,18 +77,20 @@ def _per_domain(ranks: torch.Tensor, n_cand: torch.Tensor, domain: torch.Tensor,
 def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: int = 5, seed: int = 1000) -> dict[str, Any]:
     """The three estimators on ``run_dir``'s best checkpoint (see the module docstring). The
     checkpoint(s) are loaded once; each fresh draw only replaces the data's negatives."""
-    from cdsr.train.run import _parts, load_run_models, load_split
+    from cdsr.runs import RunDir, views
+    from cdsr.train.run import load_split
 
-    config = json.loads((run_dir / "config.json").read_text())
-    data = load_split(config["dataset"], config["data_root"])
-    processed = Path(config["data_root"]) / config["dataset"] / "processed"
-    ev = from_dict(EvalConfig, config["evaluate"], "evaluate")
+    rd = RunDir(run_dir)
+    spec = rd.spec()
+    data = load_split(spec.dataset, spec.data_root)
+    processed = Path(spec.data_root) / spec.dataset / "processed"
+    ev = spec.evaluate
     names = data.domain_names
-    models = load_run_models(run_dir, data)
+    models = rd.load_models(data)
 
     stored = _ranks(models, split, k, ev)
     out: dict[str, Any] = {
-        "run": str(run_dir), "dataset": config["dataset"], "model": config["model"], "split": split, "k": k,
+        "run": str(run_dir), "dataset": spec.dataset, "model": spec.model, "split": split, "k": k,
         "rows": len(stored["pess"]),
         "stored_pessimistic": _per_domain(stored["pess"], stored["n"], stored["domain"], names),
         "stored_optimistic": _per_domain(stored["opt"], stored["n"], stored["domain"], names),
@@ -103,10 +103,10 @@ def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: 
     per_draw, tied = [], 0
     for r in range(draws):
         fresh = dataclasses.replace(data, negatives=sample_negatives(seqs, data.targets, items, k, seed + r))
-        views = [(name, view, net) for (_, _, net), (name, view) in zip(models, _parts(fresh, config["variant"]))]
-        rd = _ranks(views, split, k, ev)
-        per_draw.append(_per_domain(rd["opt"], rd["n"], rd["domain"], names))
-        tied += int(rd["tied"].sum())
+        redrawn = [(name, view, net) for (_, _, net), (name, view) in zip(models, views(fresh, spec.variant))]
+        ranks = _ranks(redrawn, split, k, ev)
+        per_draw.append(_per_domain(ranks["opt"], ranks["n"], ranks["domain"], names))
+        tied += int(ranks["tied"].sum())
     out["redraw_optimistic"] = {
         name: {m: {"mean": float(np.mean([p[name][m] for p in per_draw])),
                    "std": float(np.std([p[name][m] for p in per_draw], ddof=1)) if draws > 1 else math.nan}

@@ -1,5 +1,5 @@
 """AutoCDSR and AutoCDSR+ ("Revisiting Self-attention for Cross-domain Sequential
-Recommendation", KDD 2025; seed 000, METHODS.md "AutoCDSR and AutoCDSR+").
+Recommendation", KDD 2025; seed 000, docs/methods.md "AutoCDSR and AutoCDSR+").
 
 AutoCDSR keeps the merged backbone (SASRec or BERT4Rec) unchanged and adds one auxiliary
 objective, the cross-domain attention mass L_cd (:func:`cross_domain_attention_mass`), computed
@@ -45,8 +45,9 @@ Mode = Literal["pareto", "fixed"]
 class AutoCDSRSASRecConfig(SASRecConfig):
     mode: Mode = "pareto"  # pareto: MGDA step (strategy "pareto"); fixed: rec + alpha * cd
     alpha: float = 0.1  # weight of L_cd in fixed mode
-    # L_cd's scale: query (METHODS.md: mass per query, 0..1) or cell (the reference code's mean
-    # over the query x key block, summed over layers); see cross_domain_attention_mass
+    # L_cd's scale: query (mass per query, 0..1; docs/methods.md "AutoCDSR and AutoCDSR+") or cell (the
+    # reference code's mean over the query x key block, summed over layers); see
+    # cross_domain_attention_mass
     cd_scale: Literal["query", "cell"] = "query"
     # Robustness experiment (paper Section 5.5 / A.5): a seeded fraction of the catalogue carries a
     # wrong domain label wherever the model reads input domain labels (see _AutoCDSR.input_domains).
@@ -229,9 +230,9 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
     is an item of the target domain: it reads that domain's items and IB tokens, and that
     domain's IB tokens read it.
     NOTE: the reference code runs one encoder per domain over [IB, domain items] and merges the
-    IB tokens between layers; we use the single shared encoder with the structured mask of
-    METHODS.md (plus the between-layer IB merge, ``ib_sync``), which has the same information
-    flow without duplicating the encoder.
+    IB tokens between layers; we use the single shared encoder with the structured mask
+    (docs/methods.md "AutoCDSR and AutoCDSR+"; plus the between-layer IB merge, ``ib_sync``), which has the
+    same information flow without duplicating the encoder.
     """
 
     def __init__(self, cfg: AutoCDSRPlusConfig, vocab: Vocab):

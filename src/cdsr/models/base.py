@@ -1,4 +1,4 @@
-"""The one model interface every method implements (ARCHITECTURE.md, "The model interface").
+"""The one model interface every method implements (docs/architecture.md "The model interface").
 
 A model is an ``nn.Module`` built from its config dataclass and the dataset's :class:`Vocab`:
 
@@ -32,6 +32,17 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    """The fields every transformer backbone's config starts with (the small CPU defaults)."""
+
+    d: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    max_len: int = 50
+
+
+@dataclass(frozen=True)
 class Vocab:
     """What a model needs to know about the dataset: item ids are contiguous per domain."""
 
@@ -51,13 +62,21 @@ class Vocab:
 class SeqRecModel(nn.Module):
     """Base class: subclasses implement ``loss`` and ``score``."""
 
-    # The training strategy this model asks for (a key of cdsr.train.loop.STRATEGIES, e.g.
+    # The training strategy this model asks for (a key of cdsr.train.strategy.STRATEGIES, e.g.
     # "pareto" for AutoCDSR); None: the loop's configured default ("standard").
     train_strategy: str | None = None
 
     def __init__(self, vocab: Vocab):
         super().__init__()
         self.vocab = vocab
+
+    def add_embeddings(self, d: int, max_len: int, domains: bool = True) -> None:
+        """The input tables most models start from: ``item_emb`` [n_items + 1, d] (row 0:
+        padding), ``pos_emb`` [max_len, d] and ``dom_emb`` [n_domains, d] (None without
+        ``domains``), created in this order, which fixes their initial values under a seed."""
+        self.item_emb = nn.Embedding(self.vocab.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, d)
+        self.dom_emb = nn.Embedding(self.vocab.n_domains, d) if domains else None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -10,7 +10,7 @@ The training sequence is the user's training prefix P: a training batch carries 
 ``items`` and P[1:] as ``targets`` (both right-aligned), so P = [items[:, :1], targets].
 Positions: max_len + 1 (history of max_len events + the appended [MASK] at inference).
 Domains (merged variant): every position carries its event's domain embedding, the [MASK]
-position the *target* domain's (METHODS.md: "add the target-domain embedding to [MASK]"),
+position the *target* domain's (docs/methods.md "BERT4Rec": [MASK] carries the requested domain),
 which is the requested domain, so nothing about the masked item itself leaks.
 """
 
@@ -22,18 +22,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.layers import Dropout, Encoder, attention_mask, domain_softmax_loss, dot_scores
+from cdsr.models.base import BackboneConfig, SeqRecModel, Vocab
+from cdsr.models.layers import (
+    Dropout,
+    Encoder,
+    attention_mask,
+    domain_softmax_loss,
+    dot_scores,
+)
 
 
 @dataclass(frozen=True)
-class BERT4RecConfig:
-    d: int = 64
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.2
-    max_len: int = 50
-    mask_prob: float = 0.2  # 0.6 suits short, sparse sequences (METHODS.md)
+class BERT4RecConfig(BackboneConfig):
+    mask_prob: float = 0.2  # 0.6 suits short, sparse sequences (docs/methods.md "BERT4Rec")
     use_domain_emb: bool = True
 
 

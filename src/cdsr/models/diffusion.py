@@ -1,5 +1,5 @@
 """The diffusion pieces of DPG-Diff (seed 004, "Beyond Negative Transfer", arXiv 2509.00389;
-METHODS.md "DPG-Diff"), each a small pure function so it can be tested on its own.
+docs/methods.md "DPG-Diff"), each a small pure function so it can be tested on its own.
 
 Convention: steps are 1..T and ``abar`` has T + 1 entries with ``abar[0] = 1`` (step 0 is the
 clean x_0), so ``x_t = sqrt(abar[t]) x_0 + sqrt(1 - abar[t]) eps`` holds for every t in 0..T.
@@ -12,9 +12,9 @@ clean x_0), so ``x_t = sqrt(abar[t]) x_0 + sqrt(1 - abar[t]) eps`` holds for eve
   model's x0 prediction;
 - :func:`reverse`: ``steps`` such steps from x_t down to a final x0 prediction.
 
-NOTE: the seed does not give its schedule, T or step rule; METHODS.md fixes T = 50 by default,
-linear or cosine, and "deterministic (DDIM-style)" inference. The x0-parameterisation follows
-the spec (the denoiser predicts x0_hat, not eps).
+NOTE: the seed does not give its schedule, T or step rule; our choice (docs/methods.md
+"DPG-Diff") is T = 50 by default, linear or cosine, and deterministic DDIM-style inference.
+The denoiser predicts x0_hat, not eps (the x0-parameterisation).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """DPG-Diff: disentangled preference-guided diffusion with tri-view contrastive learning.
 
 Seed 004 ("Beyond Negative Transfer: Disentangled Preference-Guided Diffusion for Cross-Domain
-Sequential Recommendation", arXiv 2509.00389); METHODS.md "DPG-Diff". There is no public code:
+Sequential Recommendation", arXiv 2509.00389); docs/methods.md "DPG-Diff". There is no public code:
 every choice the seed does not fix is marked NOTE.
 
 For a merged window of L events over D domains (shared item embeddings E, tied to the output):
@@ -168,9 +168,7 @@ class DPGDiff(SeqRecModel):
         check_augmentations(cfg.augmentations, cfg.aug_rate)
         self.cfg = cfg
         D, d = vocab.n_domains, cfg.d
-        self.item_emb = nn.Embedding(vocab.n_items + 1, d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, d)
-        self.dom_emb = nn.Embedding(D, d)
+        self.add_embeddings(d, cfg.max_len)
         self.encoder_c = Encoder(d, cfg.layers, cfg.heads, cfg.dropout)
         self.stream_pos = nn.ModuleList(nn.Embedding(cfg.max_len, d) for _ in range(D))
         self.streams = nn.ModuleList(Encoder(d, cfg.domain_layers, cfg.heads, cfg.dropout) for _ in range(D))

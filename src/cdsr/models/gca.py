@@ -2,8 +2,8 @@
 measurement |cos(X, X')|.
 
 Seeds 002/003 ("Cross-attention Secretly Performs Orthogonal Alignment in Recommendation
-Models", arXiv 2510.09435); METHODS.md "Gated Cross-Attention and orthogonal alignment". There is
-no public code: every design choice below that the seed does not fix is marked NOTE.
+Models", arXiv 2510.09435); docs/methods.md "Gated Cross-Attention and orthogonal alignment".
+There is no public code: every design choice below that the seed does not fix is marked NOTE.
 
 Host (``dual_stream``), for a merged window of L events over D domains:
 
@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.base import BackboneConfig, SeqRecModel, Vocab
 from cdsr.models.layers import (  # noqa: F401  (domain_streams, stream_slots: re-exported for tests)
     Dropout,
     Encoder,
@@ -78,12 +78,7 @@ from cdsr.models.layers import (  # noqa: F401  (domain_streams, stream_slots: r
 
 
 @dataclass(frozen=True)
-class DualStreamConfig:
-    d: int = 64
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.2
-    max_len: int = 50
+class DualStreamConfig(BackboneConfig):
     ffn_dim: int = 0  # FFN hidden width of every encoder block; 0: 4 d
     combine: Literal["sum", "concat"] = "sum"
     gca_layers: tuple[int, ...] = ()  # GCA[k] after domain-encoder block k (0: after the embeddings)
@@ -180,9 +175,7 @@ class DualStream(SeqRecModel):
         if bad or len(set(cfg.gca_layers)) != len(cfg.gca_layers):
             raise ValueError(f"gca_layers {list(cfg.gca_layers)}: each must be distinct and in 0..layers={cfg.layers}")
         ffn = cfg.ffn_dim or None
-        self.item_emb = nn.Embedding(vocab.n_items + 1, d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, d)
-        self.dom_emb = nn.Embedding(D, d)
+        self.add_embeddings(d, cfg.max_len)
         self.merged = Encoder(d, cfg.layers, cfg.heads, cfg.dropout, ffn)
         self.stream_pos = nn.ModuleList(nn.Embedding(cfg.max_len, d) for _ in range(D))
         self.streams = nn.ModuleList(Encoder(d, cfg.layers, cfg.heads, cfg.dropout, ffn) for _ in range(D))

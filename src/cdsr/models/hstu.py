@@ -7,10 +7,10 @@ Per layer (Sec. 3, Eq. 1-3), with n = LayerNorm(x) (no affine):
     U, V, Q, K = split(SiLU(n W1))                                   (Eq. 1)
     A = SiLU(Q K^T + rab^{p,t}) / N, causal and valid keys only        (Eq. 2, Sec. 3.1)
     x = x + W_o(dropout(U * LayerNorm(A V)))                           (Eq. 3; no FFN)
-Output h_i = LayerNorm(x)_i. Loss (METHODS.md): sampled softmax over L2-normalised query and
+Output h_i = LayerNorm(x)_i. Loss (docs/methods.md "HSTU"): sampled softmax over L2-normalised query and
 item vectors, temperature 0.05, R uniform negatives drawn from the target's domain.
 
-NOTE (our choices, METHODS.md leaves them open):
+NOTE (our choices where the paper is open; summarised in docs/methods.md "HSTU"):
 - positions count valid events from the oldest one in the window (0 = oldest), so more left
   padding changes nothing, and training position i sees the same positions as an inference
   history of i+1 events (the reference is left-aligned, which gives the same numbering);
@@ -32,22 +32,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsr.models.base import SeqRecModel, Vocab
-from cdsr.models.intra_attention import BiasFn, DensePlan, TiledPlan, dense_plan, intra_domain_mask
-from cdsr.models.layers import Dropout, dot_scores, sample_domain_negatives, sampled_softmax_loss
+from cdsr.models.base import BackboneConfig, SeqRecModel, Vocab
+from cdsr.models.intra_attention import (
+    BiasFn,
+    DensePlan,
+    TiledPlan,
+    dense_plan,
+    intra_domain_mask,
+)
+from cdsr.models.layers import (
+    Dropout,
+    dot_scores,
+    sample_domain_negatives,
+    sampled_softmax_loss,
+)
 
 N_TIME_BUCKETS = 128  # buckets 0..128 (129 weights), bucket = clamp(floor(ln(max(dt,1)) / 0.301))
 
 
 @dataclass(frozen=True)
-class HSTUConfig:
-    d: int = 64
-    layers: int = 2
-    heads: int = 2
+class HSTUConfig(BackboneConfig):
     d_qk: int = 32
     d_v: int = 32
-    dropout: float = 0.2
-    max_len: int = 50
     n_negatives: int = 128
     temperature: float = 0.05
     use_domain_emb: bool = True  # merged variant; the single-domain variant turns it off
@@ -121,9 +127,7 @@ class HSTU(SeqRecModel):
     def __init__(self, cfg: HSTUConfig, vocab: Vocab):
         super().__init__(vocab)
         self.cfg = cfg
-        self.item_emb = nn.Embedding(vocab.n_items + 1, cfg.d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
-        self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
+        self.add_embeddings(cfg.d, cfg.max_len, cfg.use_domain_emb)
         self.req_emb = nn.Embedding(vocab.n_domains, cfg.d)  # NOTE: requested-domain query embedding
         self.drop = Dropout(cfg.dropout)
         self.rab = RelativeBias(cfg.max_len, cfg.rel_pos_bias, cfg.time_bias)

@@ -2,7 +2,7 @@
 Dynamic Domain State Representation (DDSR).
 
 Seed 001 ("Efficient Large-Scale Cross-Domain Sequential Recommendation with Dynamic State
-Representations", arXiv 2508.20945); METHODS.md "HSTU-CD". Written from the seed and the spec.
+Representations", arXiv 2508.20945); docs/methods.md "HSTU-CD". Written from the seed.
 The backbone is :class:`cdsr.models.hstu.HSTU` (its loss: sampled softmax with negatives from
 the target's domain only; its scoring and its requested-domain query embedding).
 
@@ -45,7 +45,13 @@ from torch import nn
 
 from cdsr.models.base import Vocab
 from cdsr.models.hstu import HSTU, HSTUConfig
-from cdsr.models.intra_attention import DensePlan, TiledPlan, dense_plan, intra_domain_mask, tiled_plan
+from cdsr.models.intra_attention import (
+    DensePlan,
+    TiledPlan,
+    dense_plan,
+    intra_domain_mask,
+    tiled_plan,
+)
 from cdsr.models.layers import Dropout, last_state_index
 
 

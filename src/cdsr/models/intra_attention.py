@@ -1,6 +1,6 @@
 """HSTU's pointwise attention, dense and block-sparse (intra-domain), behind one small "plan".
 
-METHODS.md "HSTU-CD"; seed 001 (arXiv 2508.20945), Sec. "intra-domain attention". HSTU's
+docs/methods.md "HSTU-CD"; seed 001 (arXiv 2508.20945), Sec. "intra-domain attention". HSTU's
 attention (Zhai et al. 2024, Eq. 2) is ``A = SiLU(Q K^T + rab) / N`` under a mask: no softmax.
 The intra-domain mask of HSTU-CD allows query i to use key j iff ``j <= i`` and
 ``dom(j) == dom(i)`` (both valid), so only ``sum_d s_d^2`` of the ``S^2`` pairs are live
@@ -25,8 +25,9 @@ applied by every layer: ``plan.attend(q, k, v) -> [B, L, h * d_v]``.
 
 NOTE (deviation from the paper): the paper masks with FlexAttention. FlexAttention normalises
 with a softmax (HSTU's SiLU attention cannot be written through it) and has no CPU backward
-(STACK.md). So the block-sparse path here is written directly in torch. It is the path used on a
-GPU too; no fused Triton kernel was built (no GPU was available to develop and verify one on).
+(docs/stack.md "FlexAttention on CPU"). So the block-sparse path here is written directly in
+torch. It is the path used on a GPU too; no fused Triton kernel was built (no GPU was available
+to develop and verify one on).
 
 ``bias_fn(b, i, j) -> Tensor`` gives the additive bias ``rab`` for batch rows ``b``, query
 positions ``i`` and key positions ``j`` (broadcasting index tensors; see
@@ -219,7 +220,8 @@ def live_fraction(plan: TiledPlan, n_rows: int, length: int) -> float:
 
 
 def domain_delta(domains: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B] delta = sum_d s_d^2 / S^2 of each row (METHODS.md): the ideal cost ratio intra/dense."""
+    """[B] delta = sum_d s_d^2 / S^2 of each row (docs/methods.md "HSTU-CD"): the ideal cost ratio
+    intra/dense."""
     D = int(domains.max()) + 1 if domains.numel() else 1
     counts = torch.zeros(domains.shape[0], D, device=domains.device).scatter_add_(
         1, domains, valid.to(torch.float32))

@@ -384,8 +384,8 @@ def sampled_softmax_loss(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor
 
 def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor,
                                 scale: str = "query") -> torch.Tensor:
-    """AutoCDSR's L_cd (METHODS.md): the attention mass that valid queries put on valid keys of
-    another domain.
+    """AutoCDSR's L_cd (docs/methods.md "AutoCDSR and AutoCDSR+"): the attention mass that valid queries
+    put on valid keys of another domain.
 
     probs: per layer [B, h, L, L] (after softmax, before dropout, under the model's own mask);
     domains / valid [B, L]. For query i: c_i = sum_j [valid_j and dom_j != dom_i] P_ij.

@@ -4,7 +4,7 @@ Input: item embedding * sqrt(d) + learned absolute position (+ learned domain em
 event in the merged variant); L causal pre-LN blocks (Sec. III-B/C); h_i scores item j by
 h_i . e_j with the input embeddings tied to the output (Sec. III-D).
 
-Loss (METHODS.md): full softmax cross-entropy of the next item against the items of the
+Loss (docs/methods.md "SASRec"): full softmax cross-entropy of the next item against the items of the
 *target's domain* (default, ``loss: ce``); ``sampled`` (sampled softmax, R negatives of the
 target domain) and ``bce`` (the paper's binary loss with one negative) are options.
 NOTE: the paper trains with BCE and one random negative; full softmax is our default because
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdsr.models.base import SeqRecModel, Vocab
+from cdsr.models.base import BackboneConfig, SeqRecModel, Vocab
 from cdsr.models.layers import (
     Dropout,
     Encoder,
@@ -34,12 +34,7 @@ from cdsr.models.layers import (
 
 
 @dataclass(frozen=True)
-class SASRecConfig:
-    d: int = 64
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.2
-    max_len: int = 50
+class SASRecConfig(BackboneConfig):
     use_domain_emb: bool = True  # merged variant; the single-domain variant turns it off
     loss: Literal["ce", "sampled", "bce"] = "ce"
     n_negatives: int = 128  # for loss: sampled (per domain when negatives_from: all)
@@ -57,9 +52,7 @@ class SASRec(SeqRecModel):
     def __init__(self, cfg: SASRecConfig, vocab: Vocab):
         super().__init__(vocab)
         self.cfg = cfg
-        self.item_emb = nn.Embedding(vocab.n_items + 1, cfg.d, padding_idx=0)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
-        self.dom_emb = nn.Embedding(vocab.n_domains, cfg.d) if cfg.use_domain_emb else None
+        self.add_embeddings(cfg.d, cfg.max_len, cfg.use_domain_emb)
         self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg.d, cfg.layers, cfg.heads, cfg.dropout)
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)

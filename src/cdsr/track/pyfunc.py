@@ -55,6 +55,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
+from cdsr.runs import RunDir
 from cdsr.track.serve import ServeConfig, env_name, limit_hint
 
 REQUIRED = ("item_ids", "domains", "timestamps", "target_domain")
@@ -177,10 +178,9 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from cdsr.models.base import Vocab
-        from cdsr.models.registry import build_model, model_config
 
         run = Path(context.artifacts["run"])
-        cfg = json.loads((run / "config.json").read_text())
+        spec = RunDir(run).spec()
         limits = model_limits(getattr(context, "model_config", None))
         self.max_records, self.max_history = limits["max_records"], limits["max_history"]
         items = pd.read_parquet(run / "items.parquet", columns=ITEM_COLUMNS).sort_values("item_idx")
@@ -189,22 +189,15 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
         self.names: list[str] = [str(n) for n in doms["name"]]
         self.dom_of_name = {n: d for d, n in enumerate(self.names)}
         self.ranges = doms[["lo", "hi"]].to_numpy(dtype=np.int64)
-        self.max_len = int(cfg["evaluate"]["max_len"])
-        self.variant = cfg["variant"]
+        self.max_len = spec.evaluate.max_len
+        self.variant = spec.variant
         n_items = int(self.ranges[:, 1].max())
         self.item_id = np.full(n_items + 1, "", dtype=object)  # item_idx -> raw id (0 = padding)
         self.item_id[items["item_idx"].to_numpy()] = items["item_id"].astype(str).to_numpy()
         self.idx_of_id = dict(zip(items["item_id"].astype(str), items["item_idx"].astype(int)))
 
-        vocab = Vocab.from_ranges(self.ranges, self.names)
-        mcfg = model_config(cfg["model"], cfg["model_config"], self.variant)
-        dirs = {None: run} if self.variant == "merged" else {d: run / f"domain-{n}" for d, n in enumerate(self.names)}
-        self.nets = {}
-        for d, path in dirs.items():
-            net = build_model(cfg["model"], mcfg, vocab)
-            ck = torch.load(path / "best.pt", map_location="cpu", weights_only=True)
-            net.load_state_dict(ck["model"])
-            self.nets[d] = net.eval()
+        nets = RunDir(run).load_nets(spec, Vocab.from_ranges(self.ranges, self.names), self.names, torch.device("cpu"))
+        self.nets = {None if name is None else self.dom_of_name[name]: net.eval() for name, net in nets.items()}
 
     # -- input --------------------------------------------------------------------------
     def _parse(self, df: pd.DataFrame):
@@ -342,19 +335,18 @@ def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model",
 
     serve = serve or ServeConfig()
     run_dir, items_parquet = Path(run_dir), Path(items_parquet)
-    cfg = json.loads((run_dir / "config.json").read_text())
+    rd = RunDir(run_dir)
+    variant = rd.spec().variant
     items = pd.read_parquet(items_parquet, columns=ITEM_COLUMNS).sort_values("item_idx").reset_index(drop=True)
     names = items.drop_duplicates("domain_idx").sort_values("domain_idx")["domain"].astype(str).tolist()
     with tempfile.TemporaryDirectory(prefix="cdsr-pyfunc-") as tmp:
         stage = Path(tmp) / "run"
         stage.mkdir()
-        shutil.copy2(run_dir / "config.json", stage / "config.json")
-        if cfg["variant"] == "merged":
-            shutil.copy2(run_dir / "best.pt", stage / "best.pt")
-        else:
-            for n in names:
-                (stage / f"domain-{n}").mkdir()
-                shutil.copy2(run_dir / f"domain-{n}" / "best.pt", stage / f"domain-{n}" / "best.pt")
+        shutil.copy2(rd.file(RunDir.CONFIG), RunDir(stage).file(RunDir.CONFIG))
+        for domain in [None] if variant == "merged" else names:
+            part = RunDir(stage).part(domain)
+            part.path.mkdir(exist_ok=True)
+            shutil.copy2(rd.part(domain).file(RunDir.BEST), part.file(RunDir.BEST))
         items.to_parquet(stage / "items.parquet", index=False)
         code = Path(tmp) / "code" / "cdsr"
         shutil.copytree(Path(cdsr.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

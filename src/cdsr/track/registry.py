@@ -30,13 +30,13 @@ Every decision on a registered version is recorded as tags on it (``promotion.de
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name
+from cdsr.evaluate.results import read_tracked
 from cdsr.track import tracking
 
 ALIAS = "champion"
@@ -97,8 +97,8 @@ def listed(metrics_dir: Path, dataset: str, methods: list[str] | None = None) ->
         if methods and f.stem not in methods:
             continue
         try:
-            m = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            m = read_tracked(f)
+        except (OSError, ValueError) as exc:
             raise FileNotFoundError(f"{f}: not a readable benchmark metrics file: {exc}") from exc
         if not isinstance(m, dict) or not isinstance(m.get("mlflow_run_id"), str) or not m["mlflow_run_id"]:
             continue
@@ -183,55 +183,12 @@ def _file_disagreements(cands: list[Candidate], client) -> list[str]:
     return out
 
 
-def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"), data_root: str | Path = "data",
-            tcfg: tracking.TrackingConfig | None = None) -> dict[str, Any]:
-    """Register the best comparable candidate and move ``champion`` to it if it passes the gate.
-
-    Returns the decision; ``decision`` is ``promoted``, ``rejected`` (compared and not better by
-    the margin, or data validation failed), ``already-champion`` or ``refused`` (nothing could be
-    compared like for like: no version is registered)."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    check_dataset_name(dataset)
-    tracking.setup(tcfg)
-    client = MlflowClient()
-    name = tracking.registered_model_name(dataset, tcfg)
-    cands = listed(metrics_dir, dataset, cfg.methods)
-    if not cands:
-        raise FileNotFoundError(f"no tracked benchmark results in {metrics_dir / dataset}: run the benchmark first")
-    current = tracking.data_version(dataset, data_root).get("split.parquet", "unknown")
-    valid_ok, valid_msg = tracking.validation_passed(dataset, data_root)
-    decision: dict[str, Any] = {"dataset": dataset, "registered_model": name, "margin": cfg.margin,
-                                "relative": cfg.relative, "data_validation": valid_msg, "data_version": current}
-    notes = _file_disagreements(cands, client)
-    if notes:
-        decision["warnings"] = notes
-
-    def refuse(reason: str) -> dict[str, Any]:
-        decision.update(promoted=False, decision="refused", reason=reason, candidate_method=None,
-                        candidate_version=None, candidates=[_summary(c) for c in cands])
-        return decision
-
+def _basis(client, name: str, cands: list[Candidate], current: str, decision: dict[str, Any]):
+    """``(champion version or None, its value, the basis to compare on, None)``, or
+    ``(..., reason)`` when nothing can be compared like for like (adds the champion's figures to
+    ``decision``)."""
     champ = _champion(client, name)
-    champ_value = None
-    if champ is not None:
-        champ_run = _run(client, champ.run_id)
-        if champ_run is None:
-            return refuse(f"the champion (version {champ.version}) has no run {champ.run_id} in the tracking store: "
-                          "its value cannot be read, so nothing can be compared with it")
-        basis = run_basis(champ_run)
-        champ_value = champ_run.data.metrics.get(basis.key)
-        decision.update(champion_version=str(champ.version), champion_value=champ_value,
-                        champion_data_version=basis.data_version)
-        if champ_value is None:
-            return refuse(f"the champion's run {champ.run_id} has no {basis.key} metric in the tracking store")
-        if basis.data_version != current:
-            return refuse(f"the champion (version {champ.version}) was validated on data version "
-                          f"{basis.data_version[:8]}, the dataset is now at {current[:8]}: its value and the "
-                          "candidates' come from different validation splits and cannot be compared")
-    else:
+    if champ is None:
         bases = {}
         for c in cands:
             run = _run(client, c.run_id)
@@ -239,20 +196,31 @@ def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"
                 b = run_basis(run)
                 bases.setdefault((b.metric, b.protocol), []).append(c.method)
         if len(bases) > 1:
-            return refuse("there is no champion and the candidates were validated on different metrics or protocols "
-                          f"({ {f'{m} / {p}': ms for (m, p), ms in bases.items()} }): no common basis")
+            return None, None, None, ("there is no champion and the candidates were validated on different metrics or "
+                                      f"protocols ({ {f'{m} / {p}': ms for (m, p), ms in bases.items()} }): no common basis")
         metric, protocol = next(iter(bases)) if bases else ("?", "?")
-        basis = Basis(metric, protocol, current)
-    decision.update(metric=basis.metric, basis=asdict(basis) | {"split": SPLIT})
+        return None, None, Basis(metric, protocol, current), None
+    champ_run = _run(client, champ.run_id)
+    if champ_run is None:
+        return champ, None, None, (f"the champion (version {champ.version}) has no run {champ.run_id} in the tracking "
+                                   "store: its value cannot be read, so nothing can be compared with it")
+    basis = run_basis(champ_run)
+    value = champ_run.data.metrics.get(basis.key)
+    decision.update(champion_version=str(champ.version), champion_value=value, champion_data_version=basis.data_version)
+    if value is None:
+        return champ, None, basis, f"the champion's run {champ.run_id} has no {basis.key} metric in the tracking store"
+    if basis.data_version != current:
+        return champ, value, basis, (
+            f"the champion (version {champ.version}) was validated on data version {basis.data_version[:8]}, the "
+            f"dataset is now at {current[:8]}: its value and the candidates' come from different validation splits "
+            "and cannot be compared")
+    return champ, value, basis, None
 
-    for c in cands:
-        assess(client, c, dataset, basis)
-    comparable = sorted((c for c in cands if c.problem is None), key=lambda c: (-c.value, c.method))
-    if not comparable:
-        why = "; ".join(f"{c.method}: {c.problem}" for c in cands)
-        return refuse(f"no candidate can be compared on {basis}: {why}")
-    best = comparable[0]
-    decision["candidates"] = [_summary(c) for c in cands]
+
+def _register(client, name: str, dataset: str, best: Candidate, basis: Basis):
+    """The model version of ``best``'s run (registered now unless it already is)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
@@ -264,12 +232,16 @@ def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"
                                         tags={"method": best.method, "val_metric": basis.metric,
                                               "val_protocol": basis.protocol, "val_value": str(best.value),
                                               "data_version": basis.data_version})
-    decision.update(candidate_method=best.method, candidate_version=str(version.version), candidate_run_id=best.run_id,
-                    candidate_value=best.value)
+    return version
+
+
+def _gate(decision: dict[str, Any], cfg: PromoteConfig, champ, champ_value: float | None, best: Candidate,
+          version, basis: Basis, valid: tuple[bool, str]) -> None:
+    """Fill in ``promoted``, ``decision`` and ``reason``: the gate itself."""
     if champ is not None and str(champ.version) == str(version.version):
         decision.update(promoted=False, decision="already-champion", reason="the candidate is the champion")
-    elif cfg.require_validation and not valid_ok:
-        decision.update(promoted=False, decision="rejected", reason=f"data validation failed: {valid_msg}")
+    elif cfg.require_validation and not valid[0]:
+        decision.update(promoted=False, decision="rejected", reason=f"data validation failed: {valid[1]}")
     elif champ is None:
         decision.update(promoted=True, decision="promoted", reason=f"no champion yet; best on {basis}")
     else:
@@ -278,6 +250,52 @@ def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"
         decision.update(promoted=better, decision="promoted" if better else "rejected", threshold=bar,
                         reason=(f"{basis.metric} ({basis.protocol}) {best.value:.4f} {'>' if better else '<='} "
                                 f"champion {champ_value:.4f} + margin = {bar:.4f}"))
+
+
+def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"), data_root: str | Path = "data",
+            tcfg: tracking.TrackingConfig | None = None) -> dict[str, Any]:
+    """Register the best comparable candidate and move ``champion`` to it if it passes the gate.
+
+    Returns the decision; ``decision`` is ``promoted``, ``rejected`` (compared and not better by
+    the margin, or data validation failed), ``already-champion`` or ``refused`` (nothing could be
+    compared like for like: no version is registered)."""
+    from mlflow import MlflowClient
+
+    check_dataset_name(dataset)
+    tracking.setup(tcfg)
+    client = MlflowClient()
+    name = tracking.registered_model_name(dataset, tcfg)
+    cands = listed(metrics_dir, dataset, cfg.methods)
+    if not cands:
+        raise FileNotFoundError(f"no tracked benchmark results in {metrics_dir / dataset}: run the benchmark first")
+    current = tracking.data_version(dataset, data_root).get("split.parquet", "unknown")
+    valid = tracking.validation_passed(dataset, data_root)
+    decision: dict[str, Any] = {"dataset": dataset, "registered_model": name, "margin": cfg.margin,
+                                "relative": cfg.relative, "data_validation": valid[1], "data_version": current}
+    notes = _file_disagreements(cands, client)
+    if notes:
+        decision["warnings"] = notes
+
+    def refuse(reason: str) -> dict[str, Any]:
+        decision.update(promoted=False, decision="refused", reason=reason, candidate_method=None,
+                        candidate_version=None, candidates=[_summary(c) for c in cands])
+        return decision
+
+    champ, champ_value, basis, problem = _basis(client, name, cands, current, decision)
+    if problem is not None:
+        return refuse(problem)
+    decision.update(metric=basis.metric, basis=asdict(basis) | {"split": SPLIT})
+    for c in cands:
+        assess(client, c, dataset, basis)
+    comparable = sorted((c for c in cands if c.problem is None), key=lambda c: (-c.value, c.method))
+    if not comparable:
+        return refuse(f"no candidate can be compared on {basis}: " + "; ".join(f"{c.method}: {c.problem}" for c in cands))
+    best = comparable[0]
+    decision["candidates"] = [_summary(c) for c in cands]
+    version = _register(client, name, dataset, best, basis)
+    decision.update(candidate_method=best.method, candidate_version=str(version.version), candidate_run_id=best.run_id,
+                    candidate_value=best.value)
+    _gate(decision, cfg, champ, champ_value, best, version, basis, valid)
     if decision["promoted"]:
         client.set_registered_model_alias(name, ALIAS, version.version)
         if champ is not None:

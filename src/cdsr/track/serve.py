@@ -317,7 +317,7 @@ def run(model_uri: str, cfg: ServeConfig, params: Mapping[str, Any] | None = Non
 
     from cdsr.track import tracking
 
-    tracking.setup(from_dict(tracking.TrackingConfig, (params or {}).get("mlflow"), "mlflow"))
+    tracking.setup(tracking.tracking_config(params))
     os.environ.update(model_limits_env(cfg))  # the model reads them when it is loaded
     limits = (f"max_body_bytes={cfg.max_body_bytes} max_records={cfg.max_records} "
               f"max_history={cfg.max_history} max_json_depth={cfg.max_json_depth}")

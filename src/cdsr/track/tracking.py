@@ -40,6 +40,13 @@ class TrackingConfig:
     log_models: bool = True  # log each benchmark run's model as a pyfunc (needed to promote it)
 
 
+def tracking_config(params: dict[str, Any] | None) -> TrackingConfig:
+    """The ``mlflow:`` section of ``params``, typed."""
+    from cdsr.config import from_dict
+
+    return from_dict(TrackingConfig, (params or {}).get("mlflow"), "mlflow")
+
+
 def tracking_uri(cfg: TrackingConfig | None = None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]

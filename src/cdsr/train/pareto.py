@@ -1,6 +1,6 @@
 """AutoCDSR's preference-aware Pareto step as an optimisation strategy of the shared loop.
 
-METHODS.md, "AutoCDSR and AutoCDSR+"; seed 000 (Eq. 12); MGDA (Sener & Koltun 2018) and
+docs/methods.md "AutoCDSR and AutoCDSR+"; seed 000 (Eq. 12); MGDA (Sener & Koltun 2018) and
 ParetoMTL (Lin et al. 2019). Written from the papers; no reference code is copied.
 
 Pieces:
@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from cdsr.train.config import ParetoConfig, TrainConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     import contextlib
-
-    from cdsr.train.loop import TrainConfig
 
 # Preference vectors in the loss space, coordinates ordered (L_cd, L_rec) (the order of the
 # reference implementation; the set is symmetric, so it reads the same in (L_rec, L_cd) order).
@@ -40,14 +39,6 @@ PREF_VECS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (1.0, 0.0), (0.7071, 0
 REF_PREF = 1
 
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class ParetoConfig:
-    every_k: int = 1  # solve the sub-problem every k steps; reuse the last ratio in between
-    max_ratio: float = 10.0  # clamp of w_cd / w_rec
-    max_iter: int = 250  # Frank-Wolfe iterations
-    tol: float = 1e-5  # Frank-Wolfe stop: L1 change of the weights
 
 
 # ----------------------------------------------------------------------------- min-norm solvers
@@ -253,7 +244,8 @@ def pareto_weights(g_rec: torch.Tensor, g_cd: torch.Tensor, l_rec: float | torch
     """Loss weights ``(w_rec, w_cd)`` from the preference-aware ParetoMTL sub-problem.
 
     Objectives ``F = (L_cd, L_rec)`` with gradients ``g_cd, g_rec`` on the shared parameters,
-    each L2-normalised: ``gh_i = g_i / |g_i|``. Preference vectors (METHODS.md step 2)
+    each L2-normalised: ``gh_i = g_i / |g_i|``. Preference vectors
+    (docs/methods.md "AutoCDSR and AutoCDSR+", step 2)
     ``u_0 = (0, 1), u_1 = (1, 0), u_2 = (0.7071, 0.7071)`` in (L_cd, L_rec) coordinates; the
     reference preference is ``u_r = u_1 = (L_cd 1, L_rec 0)``: its sub-region
     ``Omega_r = {F : (u_j - u_r)^T F <= 0 for all j}`` is the cone of loss vectors within
@@ -277,7 +269,8 @@ def pareto_weights(g_rec: torch.Tensor, g_cd: torch.Tensor, l_rec: float | torch
 
     Range: ``w_rec >= 0`` always; ``w_cd`` may be *negative* (an active constraint asks to move
     toward the preferred region, which can mean trading cd attention mass for recommendation
-    loss); the strategy clamps ``w_cd / w_rec`` to ``[0, max_ratio]`` (METHODS.md step 3).
+    loss); the strategy clamps ``w_cd / w_rec`` to ``[0, max_ratio]``
+    (docs/methods.md "AutoCDSR and AutoCDSR+", step 3).
 
     NOTE (choices):
     - the constraint gradients are built from the *normalised* objective gradients (as the
@@ -314,7 +307,8 @@ def _flat_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Ten
 
 
 class ParetoStrategy:
-    """The preference-aware Pareto step (METHODS.md "AutoCDSR", steps 1-3) for the shared loop.
+    """The preference-aware Pareto step (docs/methods.md "AutoCDSR and AutoCDSR+", steps 1-3) for the
+    shared loop.
 
     The model provides ``aux_objectives(batch)`` (one forward, scalars ``"rec"`` and ``"cd"``) and
     ``shared_parameters()`` (the transformer parameters, not the embedding tables). Every
