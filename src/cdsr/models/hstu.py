@@ -72,6 +72,14 @@ def bucketise(dt: torch.Tensor) -> torch.Tensor:
     return (torch.log(dt) / 0.301).floor().clamp(0, N_TIME_BUCKETS).long()
 
 
+def _lookup(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``w[idx]`` for a bias vector ``w`` [n] and an index tensor of any shape. NOTE: through
+    ``F.embedding``, whose backward adds the gradients up in a fixed order; plain indexing
+    accumulates them with ``index_put_``, whose order on a multi-threaded CPU varies from run to
+    run, so the same seed gave different models (the benchmark's dvc.lock changed on a repeat)."""
+    return F.embedding(idx, w[:, None]).squeeze(-1)
+
+
 class RelativeBias(nn.Module):
     """rab^{p,t} (Sec. 3, Eq. 2): learned bias over i - j (2N-1 buckets) + over log-bucketed
     |t_{i+1} - t_j|; one scalar per bucket shared by all heads, evaluated at index pairs (:meth:`pair_fn`)."""
@@ -94,9 +102,9 @@ class RelativeBias(nn.Module):
         def bias(b: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
             out = 0.0
             if self.pos_w is not None:
-                out = self.pos_w[i - j + self.N - 1]
+                out = _lookup(self.pos_w, i - j + self.N - 1)
             if self.ts_w is not None:
-                out = out + self.ts_w[bucketise(query_t[b, i] - t[b, j])]
+                out = out + _lookup(self.ts_w, bucketise(query_t[b, i] - t[b, j]))
             return out
 
         return bias
