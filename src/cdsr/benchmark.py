@@ -145,9 +145,9 @@ def robustness_config(params: dict[str, Any]) -> RobustnessConfig:
     return from_dict(RobustnessConfig, params.get("robustness"), "robustness")
 
 
-def run_dir(params: dict[str, Any], cfg: BenchmarkConfig, dataset: str, method: str, data_root: str | Path) -> Path:
-    spec = run_spec(params, cfg, dataset, method, data_root)
-    return Path(cfg.runs_dir) / dataset / method / run_key(spec, params, cfg)
+def run_dir(spec: RunSpec, params: dict[str, Any], cfg: BenchmarkConfig, method: str) -> RunDir:
+    """``<runs_dir>/<dataset>/<method>/<key>``: the same inputs and code find the same directory."""
+    return RunDir(Path(cfg.runs_dir) / spec.dataset / method / run_key(spec, params, cfg))
 
 
 # -- the steps (each a Prefect task in flows/benchmark.py) --------------------------------------
@@ -157,7 +157,7 @@ def train_step(dataset: str, method: str, params: dict[str, Any], cfg: Benchmark
     """Train with early stopping, resuming from the run directory's last checkpoint; returns the
     run directory. A finished run (``fit.json`` present) is reused as is."""
     spec = run_spec(params, cfg, dataset, method, data_root)
-    rd = RunDir(Path(cfg.runs_dir) / dataset / method / run_key(spec, params, cfg))
+    rd = run_dir(spec, params, cfg, method)
     if not rd.has_fit():
         fit_spec(spec, rd, load_split(dataset, data_root))
     return str(rd.path)
