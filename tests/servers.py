@@ -67,3 +67,65 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, inter
             pass
         assert time.monotonic() < deadline, f"{url} not answering 200 after {timeout} s:\n{tail(log)}"
         time.sleep(interval)
+
+
+def _pg_bin(name: str) -> str | None:
+    """A PostgreSQL server binary: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(versions[-1]) if versions else None
+
+
+def postgres_missing() -> str | None:
+    """Why a throwaway PostgreSQL cluster cannot be started here (None: it can)."""
+    if _pg_bin("initdb") is None or _pg_bin("pg_ctl") is None:
+        return "PostgreSQL's initdb/pg_ctl are not installed"
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run the server as"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_cluster(dbname: str = "cdsr"):
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (a free port, trust auth for local clients),
+    with database ``dbname``; yields its SQLAlchemy URL (psycopg 3 driver). The server refuses
+    to run as root, so as root it runs as the ``postgres`` user (runuser), in a directory of its
+    own under the system temporary folder. Stopped (immediate mode) and removed on exit."""
+    import pwd
+    import shutil
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="cdsr-pg-"))
+    data, log = base / "data", base / "server.log"
+    if as_root:
+        pw = pwd.getpwnam("postgres")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        full = ["runuser", "-u", "postgres", "--", *cmd] if as_root else list(cmd)
+        return subprocess.run(full, capture_output=True, text=True, timeout=120, check=False, cwd=base)
+
+    port = free_port()
+    try:
+        res = run(_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+        assert res.returncode == 0, f"initdb failed:\n{res.stdout}\n{res.stderr}"
+        opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
+        res = run(_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start")
+        assert res.returncode == 0, f"pg_ctl start failed:\n{res.stdout}\n{res.stderr}\n{tail(log)}"
+        res = run("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {dbname}")
+        assert res.returncode == 0, f"CREATE DATABASE failed:\n{res.stdout}\n{res.stderr}"
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{dbname}"
+    finally:
+        if (data / "postmaster.pid").exists():
+            run(_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)

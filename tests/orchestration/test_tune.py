@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import TINY
-from servers import free_port, start, stop, wait_http
+from servers import (
+    free_port,
+    postgres_cluster,
+    postgres_missing,
+    start,
+    stop,
+    wait_http,
+)
 
 from cdsr.config import ConfigError, from_dict
 from cdsr.tune import TuneConfig, open_study, tune
@@ -269,12 +276,27 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
     return log.read_text()
 
 
-def test_two_concurrent_workers_share_one_study(tmp_path, tiny_root, mlflow_store, prefect_env):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_storage(request, tmp_path):
+    """The Optuna storage several workers share: a sqlite file, or a throwaway PostgreSQL cluster
+    on 127.0.0.1 started and stopped here (`tune.storage` = a postgresql URL)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/shared-optuna.db"
+        return
+    why = postgres_missing()
+    if why:
+        pytest.skip(why)
+    with postgres_cluster("optuna") as url:
+        yield url
+
+
+def test_two_concurrent_workers_share_one_study(tmp_path, tiny_root, mlflow_store, prefect_env, shared_storage):
     import optuna
 
-    params = make_params(tmp_path, "tune4", keep_trial_runs=True)
+    storage = shared_storage
+    experiment = "tune4" if storage.startswith("sqlite") else "tune4-pg"  # the MLflow store is the module's
+    params = make_params(tmp_path, experiment, keep_trial_runs=True)
     p = write_params(tmp_path, params)
-    storage = f"sqlite:///{tmp_path}/shared-optuna.db"
     args = ["--trials", "4", "--storage", storage, "--params", str(p), "--root", str(tiny_root)]
     logs = [tmp_path / f"worker{k}.log" for k in (0, 1)]
     procs = [start_cli([*args, "--worker", str(k)], logs[k], prefect_env) for k in (0, 1)]
@@ -304,7 +326,7 @@ def test_two_concurrent_workers_share_one_study(tmp_path, tiny_root, mlflow_stor
     runs = tmp_path / "runs" / "t" / "sasrec"
     assert sorted(p.name for p in runs.iterdir()) == sorted(f"trial-{t.number}" for t in trained)
 
-    _, parents, children = mlflow_runs("tune4")
+    _, parents, children = mlflow_runs(experiment)
     assert sorted(r.data.tags["optuna.worker"] for r in parents) == ["0", "1"]
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(t.number for t in trained)
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= {r.info.run_id for r in parents}
@@ -313,12 +335,14 @@ def test_two_concurrent_workers_share_one_study(tmp_path, tiny_root, mlflow_stor
 
 
 def test_killed_tune_resumes_and_retries_the_stale_trial_from_its_checkpoint(tmp_path, tiny_root, mlflow_store,
-                                                                              prefect_env):
+                                                                              prefect_env, shared_storage):
     import optuna
     import torch
 
-    params = make_params(tmp_path, "tune5", epochs=30, heartbeat_interval=1, grace_period=2, keep_trial_runs=True,
+    experiment = "tune5" if shared_storage.startswith("sqlite") else "tune5-pg"  # the MLflow store is the module's
+    params = make_params(tmp_path, experiment, epochs=30, heartbeat_interval=1, grace_period=2, keep_trial_runs=True,
                          pruner={"n_startup_trials": 10, "n_warmup_steps": 0})
+    params["tune"]["storage"] = shared_storage
     params["train"]["patience"] = 100
     p = write_params(tmp_path, params)
     args = ["--trials", "3", "--params", str(p), "--root", str(tiny_root)]
@@ -361,7 +385,7 @@ def test_killed_tune_resumes_and_retries_the_stale_trial_from_its_checkpoint(tmp
     assert not (runs / f"trial-{retry.number}").exists()
 
     # the MLflow runs the killed worker left RUNNING (its study run and trial 0's) were ended by the rerun
-    _, parents, children = mlflow_runs("tune5")
+    _, parents, children = mlflow_runs(experiment)
     assert not [r for r in parents + children if r.info.status == "RUNNING"]
     dead = [r for r in parents + children if "cdsr.reaped" in r.data.tags]
     assert sorted((r.data.tags["cdsr.kind"], r.info.status) for r in dead) == [("tune", "KILLED"), ("tune-trial", "KILLED")]
