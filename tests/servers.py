@@ -122,7 +122,7 @@ def postgres_cluster(dbname: str = "cdsr"):
         opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
         res = run(_pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start")
         assert res.returncode == 0, f"pg_ctl start failed:\n{res.stdout}\n{res.stderr}\n{tail(log)}"
-        res = run("psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {dbname}")
+        res = run(_pg_bin("psql") or "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"CREATE DATABASE {dbname}")
         assert res.returncode == 0, f"CREATE DATABASE failed:\n{res.stdout}\n{res.stderr}"
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{dbname}"
     finally:

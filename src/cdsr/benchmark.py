@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name, from_dict
-from cdsr.evaluate.protocols import EvalConfig, selection_value, summarise
+from cdsr.evaluate.protocols import selection_value, summarise
 from cdsr.evaluate.results import RunMetrics
 from cdsr.evaluate.robustness import (
     RobustnessConfig,
@@ -39,8 +39,9 @@ from cdsr.evaluate.robustness import (
     perturb,
     training_rows,
 )
+from cdsr.models.base import Vocab
 from cdsr.models.registry import get_spec
-from cdsr.runs import RunDir, RunSpec, apply_overrides, as_overrides
+from cdsr.runs import RunDir, RunSpec, apply_overrides, as_overrides, views
 from cdsr.track import tracking
 from cdsr.train.run import fit_spec, load_split, rank_run, score_spec, train_spec
 
@@ -183,9 +184,10 @@ def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any],
         return cached
     rc = robustness_config(params)
     spec = rd.spec()
-    ev = spec.evaluate
     data = load_split(dataset, data_root)
-    rows = inference_curves(lambda d: overall_test_metrics(rd, d, rc.protocol, ev), data, rc)
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)  # noise keeps every item in its domain
+    nets = rd.load_nets(spec, vocab, data.domain_names)  # loaded once for every noise level
+    rows = inference_curves(lambda d: overall_test_metrics(nets, spec, d, rc.protocol), data, rc)
     clean = rows[0]
     noisy = {}
     for kind in rc.train:
@@ -195,15 +197,19 @@ def robustness_step(dataset: str, method: str, run: str, params: dict[str, Any],
             if not sub.has_metrics():
                 train_spec(spec, sub, data,
                            train_transform=lambda v, k=kind, q=prob, s=seed: perturb(v, k, q, s, scope="train"))
-            noisy[(kind, prob)] = overall_test_metrics(sub, data, rc.protocol, ev)
+            noisy[(kind, prob)] = overall_test_metrics(sub.load_nets(spec, vocab, data.domain_names), spec, data,
+                                                       rc.protocol)
     rows += training_rows({m: clean[m] for m in rc.metrics}, noisy, rc)
     rd.write_json(RunDir.ROBUSTNESS, rows)
     return rows
 
 
-def overall_test_metrics(run: RunDir, data, protocol: str, ev: EvalConfig) -> dict[str, float]:
-    """Overall test metrics of a trained run's best checkpoint(s) on ``data`` (possibly noisy)."""
-    return summarise(rank_run(run.load_models(data), "test", protocol, ev), data.domain_names, ev)["overall"]
+def overall_test_metrics(nets: dict, spec: RunSpec, data, protocol: str) -> dict[str, float]:
+    """Overall test metrics of a run's best model(s) (:meth:`RunDir.load_nets`) on ``data``
+    (possibly noisy)."""
+    models = [(name, view, nets[name]) for name, view in views(data, spec.variant)]
+    ev = spec.evaluate
+    return summarise(rank_run(models, "test", protocol, ev), data.domain_names, ev)["overall"]
 
 
 _MLFLOW_LOCK = threading.Lock()  # the fluent MLflow API keeps one active-run stack per process

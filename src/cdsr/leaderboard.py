@@ -37,7 +37,8 @@ PROTOCOLS = ("full", "sampled-999", "sampled-100")
 _SEED = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 
 
-def _stats(xs: list[float]) -> dict[str, float | None]:
+def seed_stats(xs: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation over seeds (sd None for one value)."""
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
@@ -68,13 +69,13 @@ def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
             have = [m.protocols[p] for _, m in runs if p in m.protocols]
             if len(have) != len(runs):
                 continue
-            domains = {d: {k: _stats([h["domains"][d][k] for h in have]) for k in ("HR@5", *METRICS)}
+            domains = {d: {k: seed_stats([h["domains"][d][k] for h in have]) for k in ("HR@5", *METRICS)}
                        for d in have[0]["domains"] if all(d in h["domains"] for h in have)}
             protos[p] = domains
         groups.append({
             "name": name, "model": model, "variant": variant, "seeds": [s for s, _ in runs],
             "parameters": runs[0][1].parameters,
-            "seconds": _stats([float(m.seconds if m.seconds is not None else float("nan")) for _, m in runs]),
+            "seconds": seed_stats([float(m.seconds if m.seconds is not None else float("nan")) for _, m in runs]),
             "epochs": [m.epochs_run for _, m in runs],
             "protocols": protos,
         })

@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,12 +134,12 @@ class RunSpec:
                    model_config(d["model"], section, d["variant"]))
 
     def key(self, **extra: Any) -> str:
-        """A short hash of what the run computes (not where its data was read from, nor the
-        device or progress settings) plus ``extra`` (e.g. a code version)."""
-        train = dataclasses.replace(self.train, progress=True, device="auto", checkpoint_every_steps=0)
-        blob = json.dumps({"train": dataclasses.asdict(train), "evaluate": dataclasses.asdict(self.evaluate),
-                           "model": dataclasses.asdict(self.model_config), "seed": self.seed,
-                           "data": self.data_version, **extra}, sort_keys=True, default=str)
+        """A short hash of what the run computes (its config without :data:`NOT_PROVENANCE`)
+        plus ``extra`` (e.g. a code version)."""
+        from cdsr.track.tracking import flatten
+
+        flat = {k: v for k, v in flatten(self.to_json()).items() if k not in NOT_PROVENANCE}
+        blob = json.dumps({**flat, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -205,9 +204,6 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -303,9 +299,6 @@ class RunDir:
     def write_history(self, history: list[dict]) -> None:
         _write_json(self.file(self.HISTORY), history, indent=1)
 
-    def read_history(self) -> list[dict]:
-        return json.loads(self.file(self.HISTORY).read_text())
-
     # results --------------------------------------------------------------------------------
     def has_fit(self) -> bool:
         return self.file(self.FIT).exists()
@@ -349,20 +342,16 @@ class RunDir:
         return out
 
     def load_models(self, data: SplitData, model_sets: list[str] | tuple[str, ...] = (),
-                    device: torch.device | None = None) -> list[tuple[str | None, SplitData, torch.nn.Module]]:
+                    device: torch.device | None = None, spec: RunSpec | None = None
+                    ) -> list[tuple[str | None, SplitData, torch.nn.Module]]:
         """The best checkpoint(s) with the data view each one serves (see :func:`views`);
         ``model_sets`` (``model.key=value``) change the trained model's config before loading,
-        for settings that leave the parameters as they are (e.g. DPG-Diff's ``model.t_inf=5``)."""
-        spec = self.spec(model_sets)
+        for settings that leave the parameters as they are (e.g. DPG-Diff's ``model.t_inf=5``).
+        ``spec``: the run's config (with those settings) when the caller has already read it."""
+        spec = spec if spec is not None else self.spec(model_sets)
         nets = self.load_nets(spec, Vocab.from_ranges(data.domain_ranges, data.domain_names), data.domain_names,
                               device)
         return [(name, view, nets[name]) for name, view in views(data, spec.variant)]
-
-
-def find_runs(root: str | Path, name: str = RunDir.METRICS) -> Iterator[RunDir]:
-    """Every run directory below ``root`` holding ``name``, in path order."""
-    for f in sorted(Path(root).rglob(name)):
-        yield RunDir(f.parent)
 
 
 # Settings that arrived with a default other than the behaviour before them: a stored config

@@ -109,10 +109,6 @@ class RunMetrics:
     def epochs_run(self) -> int:
         return sum(int(v.get("epochs_run", 0)) for v in self.fit.values())
 
-    @property
-    def train_seconds(self) -> float:
-        return sum(float(v.get("train_seconds", 0.0)) for v in self.fit.values())
-
 
 def read_tracked(path: str | Path) -> Any:
     """A benchmark's DVC metrics file (``metrics/<dataset>/<method>.json``) completed from the run

@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 from cdsr.evaluate.results import RunMetrics
-from cdsr.leaderboard import _stats
+from cdsr.leaderboard import seed_stats
 
 OVERALL = "overall"
 
@@ -22,7 +22,7 @@ def mean_sd(xs: Iterable[float], fmt: str = "{:.4f}", scale: float = 1.0) -> str
     xs = [x * scale for x in xs]
     if not xs:
         return ""
-    s = _stats(xs)
+    s = seed_stats(xs)
     return fmt.format(s["mean"]) if s["sd"] is None else f"{fmt.format(s['mean'])} +- {fmt.format(s['sd'])}"
 
 

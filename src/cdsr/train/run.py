@@ -26,7 +26,7 @@ from cdsr.evaluate.protocols import EvalConfig, RankResult, cat, rank_targets, s
 from cdsr.evaluate.results import RunMetrics
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model
-from cdsr.runs import RunDir, RunSpec, resolve, views
+from cdsr.runs import RunDir, RunSpec, views
 from cdsr.train.config import pick_device
 from cdsr.train.loop import fit
 
@@ -89,11 +89,10 @@ def rank_run(models: list[tuple[str | None, SplitData, torch.nn.Module]], split:
     return cat([rank_targets(net, view, split, protocol, ev, next(net.parameters()).device) for _, view, net in models])
 
 
-def score(rd: RunDir, data: SplitData, protocols: list[str] | None = None) -> dict[str, Any]:
+def score(rd: RunDir, spec: RunSpec, data: SplitData, protocols: list[str] | None = None) -> dict[str, Any]:
     """Test metrics per protocol and the validation summary of a trained run's best checkpoint(s)."""
-    spec = rd.spec()
     ev = spec.evaluate
-    models = rd.load_models(data)
+    models = rd.load_models(data, spec=spec)
     return {"protocols": {p: summarise(rank_run(models, "test", p, ev), data.domain_names, ev)
                           for p in list(protocols or ev.protocols)},
             "validation": summarise(rank_run(models, "valid", spec.train.val_protocol, ev), data.domain_names, ev)}
@@ -103,8 +102,9 @@ def score_spec(rd: RunDir, data: SplitData) -> RunMetrics:
     """Score a fitted run (``fit.json`` present) and write its ``metrics.json``: the one builder
     of the record, for ``cdsr train`` and the benchmark alike."""
     t0 = time.time()
-    scored = score(rd, data)
-    metrics = RunMetrics.build(rd.spec(), scored, rd.read_fit(), time.time() - t0, hardware())
+    spec = rd.spec()
+    scored = score(rd, spec, data)
+    metrics = RunMetrics.build(spec, scored, rd.read_fit(), time.time() - t0, hardware())
     rd.write_metrics(metrics)
     return metrics
 
@@ -124,9 +124,7 @@ def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], ou
               train_transform: Callable[[SplitData], SplitData] | None = None,
               data: SplitData | None = None) -> dict[str, Any]:
     """:func:`train_spec` from a raw params dict; returns ``metrics.json`` as written."""
-    resolve(params, model, variant, epochs)  # a config error is reported before any data is read
-    data = data if data is not None else load_split(dataset, data_root)
-    spec = RunSpec.build(params, dataset, model, variant, seed, epochs, data_root)
+    spec = RunSpec.build(params, dataset, model, variant, seed, epochs, data_root)  # config errors first
     return train_spec(spec, RunDir(out_dir), data, on_epoch, train_transform).to_json()
 
 
@@ -135,11 +133,11 @@ def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclu
     """Re-evaluate a finished run's best checkpoint(s) under the given protocols (``model_sets``:
     see :meth:`RunDir.load_models`)."""
     rd = RunDir(run_dir)
-    spec = rd.spec()
+    spec = rd.spec(model_sets)
     data = load_split(spec.dataset, spec.data_root)
     ev = dataclasses.replace(spec.evaluate, protocols=list(protocols),
                              exclude_history=spec.evaluate.exclude_history if exclude_history is None else exclude_history)
-    models = rd.load_models(data, model_sets)
+    models = rd.load_models(data, spec=spec)
     return {"dataset": spec.dataset, "model": spec.model, "variant": spec.variant, "split": split,
             "exclude_history": ev.exclude_history, "model_sets": list(model_sets),
             "protocols": {p: summarise(rank_run(models, split, p, ev), data.domain_names, ev) for p in protocols}}
