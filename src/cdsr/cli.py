@@ -190,6 +190,25 @@ def _progress_log() -> None:
         log.propagate = False
 
 
+def _cli_args(**options: object) -> list[str]:
+    """Options back into command-line arguments (None: left out; a list: the option repeated)."""
+    out: list[str] = []
+    for name, value in options.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                out += [f"--{name.replace('_', '-')}", str(v)]
+    return out
+
+
+def _torchrun(command: list[str], nproc: int, max_restarts: int) -> int:
+    """Run ``cdsr COMMAND`` as ``nproc`` processes on this machine under torchrun; its exit code."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "--max-restarts", str(max_restarts), "-m", "cdsr", *command]
+    return subprocess.run(cmd, check=False).returncode
+
+
 @app.command("train")
 def train(
     dataset: str = DATASET,
@@ -203,14 +222,21 @@ def train(
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="Apply a `cdsr tune` result (e.g. tuned/<dataset>/<model>.json) after the preset and before --set."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine: runs `torchrun --standalone --nproc-per-node N -m cdsr train ...` (gloo on CPU, NCCL on GPU; README \"Scaling out\")."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With --nproc: torchrun restarts every process this many times after one dies; they resume from the last checkpoint."),
 ) -> None:
     """Train a model (or preset) with early stopping, evaluate its best checkpoint on test, write metrics.json.
 
     Re-running the same command resumes an interrupted run from its checkpoint and skips a finished one."""
     from cdsr.presets import expand
     from cdsr.runs import RunDir, RunSpec, apply_overrides
+    from cdsr.train import distributed
     from cdsr.train.run import train_spec
 
+    if nproc > 1 and not distributed.from_env().active:
+        args = _cli_args(dataset=dataset, model=model, preset=preset, variant=variant, epochs=epochs, seed=seed,
+                         out=out, set=sets, tuned=tuned, params=params, root=root)
+        raise typer.Exit(_torchrun(["train", *args], nproc, max_restarts))
     _progress_log()
     p = _declared(dataset, params)
     try:
@@ -227,6 +253,8 @@ def train(
         m = train_spec(spec, RunDir(out)).to_json()
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         _fail(str(exc))
+    if not distributed.from_env().main:
+        return
     for proto, res in m["protocols"].items():
         dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
                         for d, v in res["domains"].items())

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from cdsr.train.distributed import SINGLE, Dist, gather
+
 
 @dataclass
 class TrainState:
@@ -46,26 +48,45 @@ class TrainState:
         return dataclasses.asdict(self)
 
 
+def _rng(device: torch.device) -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
 def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: object, state: TrainState,
-         device: torch.device) -> dict[str, Any]:
-    """The ``last.pt`` dict: everything a killed run needs to continue as if never stopped."""
-    ck = {"model": model.state_dict(), "optim": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+         device: torch.device, d: Dist = SINGLE) -> dict[str, Any]:
+    """The ``last.pt`` dict: everything a killed run needs to continue as if never stopped.
+
+    Several processes: every rank calls this (the RNG states of all ranks are gathered into
+    ``rng_ranks``, in rank order); rank 0 saves it."""
+    rng = _rng(device)
+    ck = {"model": model.state_dict(), "optim": optimizer.state_dict(), "rng_cpu": rng["cpu"],
           "state": state.to_dict()}
     if hasattr(strategy, "state_dict"):
         ck["strategy"] = strategy.state_dict()
-    if device.type == "cuda":
-        ck["rng_cuda"] = torch.cuda.get_rng_state()
+    if "cuda" in rng:
+        ck["rng_cuda"] = rng["cuda"]
+    if d.active:
+        ck["rng_ranks"] = gather(rng, d)
     return ck
 
 
 def restore(ck: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: object,
-            device: torch.device) -> TrainState:
-    """Apply a ``last.pt`` dict (see :func:`pack`) to fresh objects; returns the state it holds."""
+            device: torch.device, d: Dist = SINGLE) -> TrainState:
+    """Apply a ``last.pt`` dict (see :func:`pack`) to fresh objects; returns the state it holds.
+
+    A rank takes its own RNG state from ``rng_ranks``; where the checkpoint was written by another
+    number of processes, ranks other than 0 keep the draws they were seeded with."""
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optim"])
-    torch.set_rng_state(ck["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in ck:
-        torch.cuda.set_rng_state(ck["rng_cuda"])
+    ranks = ck.get("rng_ranks") or []
+    rng = ranks[d.rank] if len(ranks) == d.world else {"cpu": ck["rng_cpu"], "cuda": ck.get("rng_cuda")} if d.main else {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
     if "strategy" in ck and hasattr(strategy, "load_state_dict"):
         strategy.load_state_dict(ck["strategy"])
     return TrainState.from_dict(ck["state"])

@@ -10,6 +10,8 @@
 - A progress bar with loss and throughput.
 - A pluggable optimisation strategy: ``Strategy.step`` turns a batch into a parameter update
   (AutoCDSR's Pareto step plugs in here rather than copying the loop).
+- Data parallelism over several processes launched by torchrun (:mod:`cdsr.train.distributed`):
+  each process takes its share of every global batch; rank 0 validates and writes the run.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from cdsr.data.loaders import SplitData, TrainDataset
 from cdsr.evaluate.protocols import EvalConfig, rank_targets, selection_value, summarise
 from cdsr.models.base import SeqRecModel
 from cdsr.runs import RunDir, StepLog
+from cdsr.train import distributed
 from cdsr.train.checkpoint import TrainState, best_entry, pack, restore
 from cdsr.train.config import TrainConfig, amp_dtype, lr_multiplier, pick_device
+from cdsr.train.distributed import GradSync
 from cdsr.train.strategy import Strategy, select_strategy
 
 log = logging.getLogger(__name__)
@@ -68,8 +72,11 @@ class _Session:
     def __init__(self, model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, rd: RunDir,
                  eval_cfg: EvalConfig, strategy: Strategy | None):
         self.model, self.cfg, self.seed, self.rd, self.eval_cfg = model, cfg, seed, rd, eval_cfg
-        self.device = pick_device(cfg.device)
+        self.dist, self.device = distributed.init(pick_device(cfg.device))
         model.to(self.device)
+        distributed.replicate(model, self.dist)
+        if self.dist.rank > 0:  # its own draws (dropout, negatives); rank 0 keeps a one-process run's
+            torch.manual_seed(seed * 1_000_003 + self.dist.rank)
         self.strategy = select_strategy(model, cfg, strategy)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = amp_dtype(self.device) if cfg.amp else None
@@ -78,8 +85,9 @@ class _Session:
             raise ValueError("no user has a training prefix of >= 2 events")
         self.state = TrainState()
         self.steps_log: StepLog = rd.steps_log()
-        if rd.has_last():
-            self._resume()
+        ck = distributed.broadcast(rd.load_last() if self.dist.main and rd.has_last() else None, self.dist)
+        if ck is not None:
+            self._resume(ck)
         self.steps_per_epoch = math.ceil(len(self.ds) / cfg.batch_size)  # every epoch: drop_last=False
         self.global_step = self.state.epoch * self.steps_per_epoch + self.state.step
 
@@ -91,12 +99,14 @@ class _Session:
     def order(self, epoch: int) -> list[list[int]]:
         return _batch_order(len(self.ds), self.cfg.batch_size, self.seed, epoch)
 
-    def _resume(self) -> None:
-        st = self.state = restore(self.rd.load_last(), self.model, self.opt, self.strategy, self.device)
+    def _resume(self, ck: dict) -> None:
+        st = self.state = restore(ck, self.model, self.opt, self.strategy, self.device, self.dist)
         if not self.finished():  # an unfinished run resumes
             st.resumes.append({"epoch": st.epoch, "step": st.step})
-            log.info("resumed from %s at epoch %d step %d", self.rd.file(RunDir.LAST), st.epoch, st.step)
-        self.steps_log.truncate(st.global_step)
+            if self.dist.main:
+                log.info("resumed from %s at epoch %d step %d", self.rd.file(RunDir.LAST), st.epoch, st.step)
+        if self.dist.main:
+            self.steps_log.truncate(st.global_step)
 
     def stopped(self) -> bool:
         return self.state.bad_epochs >= self.cfg.patience
@@ -106,8 +116,10 @@ class _Session:
 
     def checkpoint(self) -> None:
         self.state.global_step = self.global_step
-        self.steps_log.flush()  # before the checkpoint: a resume truncates rows past its global step
-        self.rd.save_last(pack(self.model, self.opt, self.strategy, self.state, self.device))
+        ck = pack(self.model, self.opt, self.strategy, self.state, self.device, self.dist)  # all ranks: RNG states
+        if self.dist.main:
+            self.steps_log.flush()  # before the checkpoint: a resume truncates rows past its global step
+            self.rd.save_last(ck)
 
     def lr(self, steps_per_epoch: int, step: int) -> float:
         return self.cfg.lr * lr_multiplier(self.cfg.schedule, step, steps_per_epoch, self.cfg.epochs,
@@ -121,19 +133,20 @@ class _Session:
         self.model.train()
         t0, seen, n_steps, sums = time.time(), 0, 0, {}
         bar = tqdm(order[st.step:], desc=f"epoch {epoch}", leave=False,
-                   disable=not (cfg.progress and sys.stderr.isatty()))  # no \r spam in logs
+                   disable=not (cfg.progress and sys.stderr.isatty() and self.dist.main))  # no \r spam in logs
         for idx in bar:
             if not cfg.schedule.trivial:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr(self.steps_per_epoch, self.global_step)
-            stats = self.strategy.step(self.model, to_device(self.ds[idx], self.device), self.opt, cfg, self.autocast)
+            stats = self._step(idx)
             st.step += 1
             self.global_step += 1
             seen += len(idx)
             n_steps += 1
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
-            self.steps_log.add(self.global_step, epoch, stats)
+            if self.dist.main:
+                self.steps_log.add(self.global_step, epoch, stats)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", seq_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
             if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0 and st.step < len(order):
                 st.train_seconds += time.time() - t0
@@ -144,7 +157,31 @@ class _Session:
         st.train_seconds += time.time() - t0
         return {"epoch": epoch, "loss": float("nan"), **{k: v / max(n_steps, 1) for k, v in sums.items()}}
 
+    def _step(self, idx: list[int]) -> dict[str, float]:
+        """One optimiser step on the global batch ``idx`` (this process's share of it); the step's
+        statistics are those of the global batch."""
+        if not self.dist.active:
+            return self.strategy.step(self.model, to_device(self.ds[idx], self.device), self.opt, self.cfg,
+                                      self.autocast)
+        mine, weight = distributed.shard(idx, self.dist)
+        sync = GradSync(self.dist, weight, self.device)
+        stats = self.strategy.step(self.model, to_device(self.ds[mine], self.device), self.opt, self.cfg,
+                                   self.autocast, sync=sync)
+        return sync.stats(stats)
+
     def validate(self, epoch: int, record: dict, val_data: SplitData) -> None:
+        """Rank 0 validates (:meth:`_validate`) and every rank takes its record and decisions."""
+        if self.dist.main:
+            self._validate(epoch, record, val_data)
+        if self.dist.active:
+            st = self.state
+            shared = distributed.broadcast((record, st.best_metric, st.best_epoch, st.bad_epochs, st.plateau_scale,
+                                            st.plateau_best, st.plateau_bad), self.dist)
+            record.update(shared[0])
+            (st.best_metric, st.best_epoch, st.bad_epochs, st.plateau_scale, st.plateau_best,
+             st.plateau_bad) = shared[1:]
+
+    def _validate(self, epoch: int, record: dict, val_data: SplitData) -> None:
         """Rank the validation targets; update the best checkpoint, early stopping and the plateau
         schedule from the selection value; add the validation figures to ``record``."""
         cfg, st = self.cfg, self.state
@@ -205,8 +242,9 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         s.checkpoint()
         if on_epoch is not None:
             on_epoch(epoch, record)
-    s.steps_log.flush()
-    rd.write_history(s.state.history)
+    if s.dist.main:
+        s.steps_log.flush()
+        rd.write_history(s.state.history)
     st = s.state
     return FitResult(best_epoch=st.best_epoch, best_metric=st.best_metric, epochs_run=st.epoch,
                      stopped_early=s.stopped(), train_seconds=st.train_seconds, history=st.history,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cdsr.train.config import ParetoConfig, TrainConfig
+from cdsr.train.distributed import NO_SYNC, GradSync
 
 if TYPE_CHECKING:  # pragma: no cover
     import contextlib
@@ -331,6 +332,12 @@ class ParetoStrategy:
 
     The step counter, last ratio and weights are in the loop's checkpoint (:meth:`state_dict`), so a
     resumed run with every_k > 1 solves on the same steps as an uninterrupted one.
+
+    Several processes (:mod:`cdsr.train.distributed`): ``grad L_rec`` (in ``.grad``), the list
+    ``grad L_cd`` and the two loss values are reduced to the global batch's before g_rec, g_cd and
+    their Gram matrix are formed, so every process solves the same MGDA problem from the same
+    numbers and takes the same ratio; ``ratio * grad L_cd`` is then added from the reduced list, so
+    the update needs no further reduction. Off solve steps the total loss's gradient is reduced.
     """
 
     def state_dict(self) -> dict:
@@ -352,7 +359,8 @@ class ParetoStrategy:
         return self.ratio is None or self.n_steps % max(int(every_k), 1) == 0
 
     def step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-             cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+             cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager],
+             sync: GradSync = NO_SYNC) -> dict[str, float]:
         pc: ParetoConfig = getattr(cfg, "pareto", None) or ParetoConfig()
         with autocast():
             out = model.aux_objectives(batch)
@@ -371,9 +379,13 @@ class ParetoStrategy:
             else:
                 g_cd_all = [None] * len(params)
             rec.backward()  # .grad = grad L_rec on every parameter
+            # several processes: the global batch's gradients and losses, before the solve
+            sync.grads(params)
+            g_cd_all = sync.grad_list(g_cd_all, params)
+            l_rec, l_cd = sync.values(rec.detach(), cd.detach())
             g_rec = _flat_grads([p.grad for p in shared], shared)
             g_cd = _flat_grads([g_cd_all[index[id(p)]] for p in shared], shared)
-            w_rec, w_cd = pareto_weights(g_rec, g_cd, rec.detach(), cd.detach(), max_iter=pc.max_iter, tol=pc.tol)
+            w_rec, w_cd = pareto_weights(g_rec, g_cd, l_rec, l_cd, max_iter=pc.max_iter, tol=pc.tol)
             self.weights = (w_rec, w_cd)
             self.ratio = pareto_ratio(w_rec, w_cd, pc.max_ratio)
             self.n_solves += 1
@@ -387,6 +399,7 @@ class ParetoStrategy:
                         p.grad.add_(g, alpha=self.ratio)
         else:
             (rec + self.ratio * cd if self.ratio > 0.0 else rec).backward()
+            sync.grads([p for p in model.parameters() if p.requires_grad])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -27,6 +27,7 @@ from cdsr.evaluate.results import RunMetrics
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model
 from cdsr.runs import RunDir, RunSpec, views
+from cdsr.train import distributed
 from cdsr.train.config import pick_device
 from cdsr.train.loop import fit
 
@@ -62,9 +63,13 @@ def fit_spec(spec: RunSpec, out: RunDir, data: SplitData,
 
     ``train_transform`` corrupts the training data only (robustness: training-time noise);
     validation stays clean. A run directory whose ``last.pt`` exists resumes where it stopped
-    (a finished one returns at once).
+    (a finished one returns at once). Under torchrun every process calls this; rank 0 writes the
+    run directory (:mod:`cdsr.train.distributed`).
     """
-    out.prepare(spec)
+    d, _ = distributed.init(pick_device(spec.train.device))
+    if d.main:
+        out.prepare(spec)
+    distributed.barrier()
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     fits, history, n_params = {}, {}, 0
     for name, view in views(data, spec.variant):
@@ -79,7 +84,8 @@ def fit_spec(spec: RunSpec, out: RunDir, data: SplitData,
                                   "resumes": res.resumes}
         history[name or "merged"] = res.history
     fitted = {"fit": fits, "history": history, "parameters": n_params}
-    out.write_fit(fitted)
+    if d.main:
+        out.write_fit(fitted)
     return fitted
 
 
@@ -112,10 +118,15 @@ def score_spec(rd: RunDir, data: SplitData) -> RunMetrics:
 def train_spec(spec: RunSpec, out: RunDir, data: SplitData | None = None,
                on_epoch: Callable[[int, dict], None] | None = None,
                train_transform: Callable[[SplitData], SplitData] | None = None) -> RunMetrics:
-    """:func:`fit_spec` then :func:`score_spec`."""
+    """:func:`fit_spec` then :func:`score_spec` (under torchrun: rank 0 scores, the others read
+    its record)."""
     data = data if data is not None else load_split(spec.dataset, spec.data_root)
     fit_spec(spec, out, data, on_epoch, train_transform)
-    return score_spec(out, data)
+    if not distributed.from_env().active:
+        return score_spec(out, data)
+    metrics = score_spec(out, data) if distributed.is_main() else None
+    distributed.barrier()
+    return metrics if metrics is not None else out.metrics()
 
 
 def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,

@@ -14,23 +14,28 @@ import torch
 
 from cdsr.models.base import SeqRecModel
 from cdsr.train.config import TrainConfig
+from cdsr.train.distributed import NO_SYNC, GradSync
 from cdsr.train.pareto import ParetoStrategy
 
 
 class Strategy(Protocol):
     def step(self, model: SeqRecModel, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-             cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
+             cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager],
+             sync: GradSync = NO_SYNC) -> dict[str, float]:
+        """One update from this process's share of a batch; ``sync`` combines the gradients of
+        every process's share before clipping and the optimiser step (one process: a no-op)."""
         ...
 
 
 class StandardStrategy:
     """Minimise ``model.loss(batch)["loss"]``; other returned terms are logged only."""
 
-    def step(self, model, batch, optimizer, cfg, autocast):
+    def step(self, model, batch, optimizer, cfg, autocast, sync=NO_SYNC):
         with autocast():
             out = model.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        sync.grads([p for p in model.parameters() if p.requires_grad])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
