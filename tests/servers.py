@@ -1,5 +1,6 @@
 """Subprocess servers for tests: a free port, start in a process group of its own, wait for an
-HTTP health URL, stop the whole group, and the tail of its log for failure messages.
+HTTP health URL, stop the whole group, and the tail of its log for failure messages; and the
+servers themselves: a Prefect API server, an MLflow tracking server, a PostgreSQL cluster.
 
 Imported as ``from servers import ...`` (pytest's rootdir import mode finds it, as ``helpers``).
 """
@@ -11,10 +12,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+BIN = Path(sys.executable).parent  # the virtual environment's scripts (prefect, mlflow, cdsr)
 
 
 def free_port() -> int:
@@ -129,3 +133,67 @@ def postgres_cluster(dbname: str = "cdsr"):
         if (data / "postmaster.pid").exists():
             run(_pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+def base_env(tmp: Path) -> dict[str, str]:
+    """This environment without its Prefect/MLflow settings, offline, Prefect's home in tmp."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@contextlib.contextmanager
+def prefect_server(tmp: Path, cwd: Path | None = None, timeout: float = 120):
+    """``prefect server start`` on 127.0.0.1:<free port> with its own home and sqlite database in
+    ``tmp``, no UI, no analytics; yields ``(api_url, log)`` once /health answers; stopped on exit."""
+    port = free_port()
+    env = {**base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"}
+    log = tmp / "server.log"
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                  "--no-ui", "--analytics-off"], env, log, cwd=cwd)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", proc, log, timeout)
+        yield api, log
+    finally:
+        stop(proc)
+
+
+def prefect_api(api: str, coro_fn):
+    """Run ``coro_fn(client)`` with a Prefect client on ``api``; returns its result."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path, timeout: float = 120):
+    """``mlflow server`` on 127.0.0.1:<free port>: a sqlite backend and an artifact store in
+    ``tmp``, artifacts served over HTTP (clients on other machines need no shared filesystem), one
+    worker process. Yields ``(tracking_uri, log)`` once /health answers; stopped on exit."""
+    port = free_port()
+    log = tmp / "mlflow-server.log"
+    proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                  "--artifacts-destination", str(tmp / "artifacts")], base_env(tmp), log, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, log, timeout)
+        yield url, log
+    finally:
+        stop(proc)

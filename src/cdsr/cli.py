@@ -311,14 +311,19 @@ def benchmark(
     method: list[str] = typer.Option([], "--method", help="Only these methods (default: benchmark.methods in params)."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
+    executor: str = typer.Option("threads", "--executor", help="threads (this process) or work-pool (a flow run per method on the workers of the benchmark-method deployment; needs PREFECT_API_URL)."),
+    deployment: str = typer.Option("benchmark-method/benchmark-method", "--deployment", help="The per-method deployment of the work-pool executor."),
 ) -> None:
     """Prefect benchmark flow: per method train -> evaluate -> robustness -> MLflow; writes metrics/<dataset>/."""
     _declared(dataset, params)
     _flows()
     from flows.benchmark import run_benchmark
 
-    res = run_benchmark(dataset, str(params) if params else None, str(root), list(method) or None,
-                        command=" ".join(["cdsr"] + sys.argv[1:]))
+    try:
+        res = run_benchmark(dataset, str(params) if params else None, str(root), list(method) or None,
+                            command=" ".join(["cdsr"] + sys.argv[1:]), executor=executor, deployment=deployment)
+    except ConfigError as exc:
+        _fail(str(exc))
     for m, r in res.items():
         typer.echo(f"{m:16s} {'ok: ' + r['metrics'] if r['ok'] else 'FAILED: ' + r['error']}")
 
@@ -331,6 +336,7 @@ def tune(
     trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Finished trials the study should reach (default tune.trials)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default tune.storage: sqlite:///optuna.db)."),
     worker: int = typer.Option(0, "--worker", help="Worker index when several workers share a study (seeds its sampler)."),
+    worker_trials: Optional[int] = typer.Option(None, "--worker-trials", min=1, help="At most this many trials of this worker's own per study (default: no cap but --trials)."),
     params: Optional[Path] = PARAMS,
     root: Path = ROOT,
 ) -> None:
@@ -343,7 +349,7 @@ def tune(
 
     try:
         res = tune_flow(dataset, list(model), str(params) if params else None, trials, storage, worker, str(root),
-                        presets=list(preset))
+                        presets=list(preset), worker_trials=worker_trials)
     except ConfigError as exc:
         _fail(str(exc))
     for m, best in res.items():

@@ -20,6 +20,8 @@
   carry their owner process; a worker starting on the study first ends (KILLED, tag
   ``cdsr.reaped``) the runs that dead workers left RUNNING: those whose owner process on this
   host is gone, and trial runs of other hosts whose Optuna trial failed its heartbeat.
+- Each trial records who ran it (user attributes ``worker``, ``host``, ``pid`` and, in a flow run
+  of a Prefect work pool, ``prefect_worker``). ``worker_trials`` caps a worker's own trials.
 - The best parameters go to ``tuned/<dataset>/<model>.json``; the benchmark applies them.
 """
 
@@ -28,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -300,8 +304,17 @@ def _trial_dir(study, trial, runs: Path) -> Path:
     return out
 
 
+def worker_attrs(worker: int) -> dict[str, Any]:
+    """Who runs a trial (its Optuna user attributes): the worker index, host and process, and the
+    Prefect worker whose flow run it is (``PREFECT__WORKER_NAME``, set by ``prefect worker start``)."""
+    out: dict[str, Any] = {"worker": worker, "host": socket.gethostname(), "pid": os.getpid()}
+    if os.environ.get("PREFECT__WORKER_NAME"):
+        out["prefect_worker"] = os.environ["PREFECT__WORKER_NAME"]
+    return out
+
+
 def _objective(study, dataset: str, model: str, params: dict[str, Any], space: dict[str, Any], cfg: TuneConfig,
-               runs: Path, data_root: str | Path, preset: str | None):
+               runs: Path, data_root: str | Path, preset: str | None, worker: int = 0):
     """The Optuna objective: one training run per trial, its own nested MLflow run, the validation
     selection value reported per epoch (Hyperband prunes on it) and returned at the end."""
     import mlflow
@@ -310,6 +323,8 @@ def _objective(study, dataset: str, model: str, params: dict[str, Any], space: d
     from cdsr.evaluate.protocols import selection_value
 
     def objective(trial) -> float:
+        for k, v in worker_attrs(worker).items():
+            trial.set_user_attr(k, v)
         chosen = suggest(trial, space)
         dup = _duplicate(study, trial)
         if dup is not None:
@@ -370,8 +385,13 @@ def _remove_trial_runs(study, best: dict[str, Any], runs: Path, finished: tuple)
 
 def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfig, trials: int | None = None,
          storage: str | None = None, worker: int = 0, data_root: str | Path = "data",
-         preset: str | None = None) -> dict[str, Any]:
+         preset: str | None = None, worker_trials: int | None = None) -> dict[str, Any]:
     """Run trials until the study has ``trials`` finished ones; write and return the best.
+
+    ``worker_trials``: this worker also stops after that many trials of its own (a per-worker
+    budget: two workers with ``worker_trials=2`` on a study of ``trials=4`` run exactly 2 each;
+    with the study total alone, a worker may finish the trial it had in flight when the other
+    reached the total).
 
     ``preset`` (params.yaml ``presets:``): the trials start from the preset's settings (its model,
     regime and selection metric) instead of params.yaml's; the study, its runs and its result
@@ -392,7 +412,7 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
     reap(study, experiment)
     from_dict(TrainConfig, params.get("train"), "train")  # a config error before the study is opened
     runs = Path(cfg.runs_dir) / dataset / name
-    objective = _objective(study, dataset, model, params, space, cfg, runs, data_root, preset)
+    objective = _objective(study, dataset, model, params, space, cfg, runs, data_root, preset, worker)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
     with mlflow.start_run(run_name=f"tune/{dataset}/{name}",
@@ -400,7 +420,7 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
                                 "optuna.study": study.study_name, "optuna.worker": str(worker),
                                 **tracking.owner_tags()}):
         if done < total:
-            study.optimize(objective, callbacks=[MaxTrialsCallback(total, states=finished)],
+            study.optimize(objective, n_trials=worker_trials, callbacks=[MaxTrialsCallback(total, states=finished)],
                            timeout=cfg.timeout, catch=(), gc_after_trial=True)
         best = write_best(study, dataset, name, cfg, space)
         mlflow.log_metric("best_value", best["value"])

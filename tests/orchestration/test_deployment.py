@@ -5,12 +5,12 @@
 triggers a run with ``prefect deployment run`` (as flows/retrain.py documents) and waits for it to
 complete: data refresh -> tune (a budget of 1 trial) -> benchmark -> promote, on a tiny synthetic
 dataset, every output in tmp_path (MLflow store, Optuna storage, runs, metrics, tuned values).
-The same server then takes ``prefect deploy --all`` (prefect.yaml, the work-pool variant).
+The same server then takes ``prefect deploy --all`` (prefect.yaml, the work-pool variant). The
+server fixture (``prefect_server``) is shared with test_workers.py through conftest.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -20,9 +20,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import yaml
-from servers import free_port, start, stop, tail, wait_http
+from servers import base_env as _base_env
+from servers import prefect_api as _api
+from servers import start, stop, tail
 
 from cdsr.evaluate.results import read_tracked
 
@@ -30,40 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-SERVER_TIMEOUT = 120
 REGISTER_TIMEOUT = 120
 RUN_TIMEOUT = 300
-
-
-def _base_env(tmp: Path) -> dict[str, str]:
-    """This environment without its Prefect/MLflow settings, offline, Prefect's home in tmp."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A Prefect server on 127.0.0.1:<free port> with its own database; yields (api_url, log)."""
-    tmp = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = {**_base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"}
-    log = tmp / "server.log"
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                  "--no-ui", "--analytics-off"], env, log, cwd=ROOT)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{api}/health", proc, log, SERVER_TIMEOUT)
-        yield api, log
-    finally:
-        stop(proc)
 
 
 def _tiny_params(tmp: Path) -> Path:
@@ -88,19 +57,6 @@ def _tiny_params(tmp: Path) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
-
-
-def _api(api: str, coro_fn):
-    """Run ``coro_fn(client)`` with a Prefect client on ``api``."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    async def go():
-        async with get_client() as client:
-            return await coro_fn(client)
-
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        return asyncio.run(go())
 
 
 def test_retrain_deployment_runs_on_a_local_server(prefect_server, tmp_path):

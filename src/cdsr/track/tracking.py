@@ -214,9 +214,13 @@ def _proc_start(pid: int) -> str | None:
 
 
 def owner_tags() -> dict[str, str]:
-    """Tags naming this process as the owner of a run."""
-    return {"cdsr.host": socket.gethostname(), "cdsr.pid": str(os.getpid()),
+    """Tags naming this process as the owner of a run (and, in a flow run of a Prefect work
+    pool, the worker that started it: ``PREFECT__WORKER_NAME``, set by ``prefect worker start``)."""
+    tags = {"cdsr.host": socket.gethostname(), "cdsr.pid": str(os.getpid()),
             "cdsr.pid_start": _proc_start(os.getpid()) or ""}
+    if os.environ.get("PREFECT__WORKER_NAME"):
+        tags["cdsr.prefect_worker"] = os.environ["PREFECT__WORKER_NAME"]
+    return tags
 
 
 def owner_alive(tags: dict[str, str]) -> bool | None:
