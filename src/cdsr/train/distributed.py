@@ -108,10 +108,6 @@ def _attempt_store(d: Dist) -> dist.Store:
     return dist.PrefixStore(f"cdsr/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def is_main() -> bool:
-    return from_env().main
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

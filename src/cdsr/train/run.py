@@ -118,15 +118,14 @@ def score_spec(rd: RunDir, data: SplitData) -> RunMetrics:
 def train_spec(spec: RunSpec, out: RunDir, data: SplitData | None = None,
                on_epoch: Callable[[int, dict], None] | None = None,
                train_transform: Callable[[SplitData], SplitData] | None = None) -> RunMetrics:
-    """:func:`fit_spec` then :func:`score_spec` (under torchrun: rank 0 scores, the others read
+    """:func:`fit_spec` then :func:`score_spec` (under torchrun: rank 0 scores and broadcasts
     its record)."""
     data = data if data is not None else load_split(spec.dataset, spec.data_root)
     fit_spec(spec, out, data, on_epoch, train_transform)
-    if not distributed.from_env().active:
+    d = distributed.from_env()
+    if not d.active:
         return score_spec(out, data)
-    metrics = score_spec(out, data) if distributed.is_main() else None
-    distributed.barrier()
-    return metrics if metrics is not None else out.metrics()
+    return distributed.broadcast(score_spec(out, data) if d.main else None, d)  # no shared filesystem needed
 
 
 def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], out_dir: Path, seed: int = 42,
