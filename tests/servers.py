@@ -197,3 +197,34 @@ def mlflow_server(tmp: Path, timeout: float = 120):
         yield url, log
     finally:
         stop(proc)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children...), read from /proc."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, p in parent.items() if p == pid]
+        out += kids
+        todo += kids
+    return out
+
+
+def pids_with(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker``."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                out.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return out

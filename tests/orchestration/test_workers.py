@@ -8,12 +8,15 @@ cdsr-local --limit 1`` processes (one flow run at a time each, one torch thread 
 - two tune-worker flow runs x 2 trials on one Optuna study in a throwaway PostgreSQL cluster;
 - a trial of one ``cdsr tune`` worker pruned on the intermediate values of another's;
 - the benchmark's methods fanned out as flow runs to the two workers, MLflow shared through an
-  ``mlflow server``, against what the thread-pool benchmark writes.
+  ``mlflow server``, against what the thread-pool benchmark writes;
+- a worker killed with its flow run mid-trial, recovered by the other worker from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +27,9 @@ from helpers import TINY
 from servers import (
     BIN,
     base_env,
+    descendants,
     mlflow_server,
+    pids_with,
     postgres_cluster,
     postgres_missing,
     prefect_api,
@@ -318,3 +323,57 @@ def test_benchmark_methods_fan_out_to_two_work_pool_workers(pool, tmp_path, tiny
         assert decision["promoted"] is True, decision
         assert {c["run_id"] for c in decision["candidates"]} == {r.info.run_id for r in benchmark_runs.values()}
         assert decision["candidate_run_id"] in {r.info.run_id for r in benchmark_runs.values()}
+
+
+def test_a_killed_work_pool_worker_is_recovered(pool, tmp_path, tiny_root):
+    """kill -9 of the Prefect worker running a tuning flow run (the worker and its flow-run
+    process: a crashed machine). A new flow run of the same Optuna worker, taken by the surviving
+    Prefect worker, finds the dead trial failed by its heartbeat and retries it from its checkpoint.
+    Runs last: it leaves the pool with one worker."""
+    import optuna
+    import torch
+
+    _skip_without_postgres()
+    api, _, logs = pool
+    space = {"train.lr": {"low": 0.001, "high": 0.01, "log": True}}
+    with postgres_cluster("optuna") as storage:
+        params = _tune_params(tmp_path, storage, epochs=30, space=space, pruner={"kind": "none"})
+        p = yaml.safe_load(params.read_text())
+        p["tune"].update(heartbeat_interval=1, grace_period=2)
+        p["train"]["patience"] = 100
+        params.write_text(yaml.safe_dump(p, sort_keys=False))
+        run = {"dataset": "t", "models": ["sasrec"], "params_path": str(params), "trials": 1, "storage": storage,
+               "data_root": str(tiny_root), "worker": 1}
+        (first,) = _submit(api, "tune/tune-worker", [run])
+        trial_dir = tmp_path / "runs" / "t" / "sasrec" / "trial-0"
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (trial_dir / "last.pt").exists():
+            assert time.monotonic() < deadline, "no checkpoint\n" + "\n".join(tail(log) for log in logs)
+            time.sleep(0.2)
+        (fr,) = _flow_runs(api, [first])
+        victim = fr.labels["prefect.worker.name"]
+        (worker_pid,) = pids_with(f"--name {victim}")
+        for pid in [worker_pid, *descendants(worker_pid)]:  # the worker and the flow run it started
+            os.kill(pid, signal.SIGKILL)
+        study = optuna.load_study(study_name="t/sasrec", storage=storage)
+        assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["RUNNING"]
+        done = torch.load(trial_dir / "last.pt", weights_only=True)["state"]["epoch"]
+
+        # recovery: the same Optuna worker again, now with 2 more epochs than checkpointed
+        p["tune"]["epochs"] = p["train"]["epochs"] = done + 2
+        params.write_text(yaml.safe_dump(p, sort_keys=False))
+        time.sleep(2.5)  # past the heartbeat's grace period
+        (again,) = _wait_final(api, _submit(api, "tune/tune-worker", [run]), logs)
+        assert again.state.is_completed(), f"{again.state.message}\n" + "\n".join(tail(log) for log in logs)
+        assert again.labels["prefect.worker.name"] != victim
+        trials = optuna.load_study(study_name="t/sasrec", storage=storage).get_trials(deepcopy=False)
+
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], [(t.number, t.state.name) for t in trials]
+    retry = trials[1]
+    assert retry.system_attrs.get("failed_trial") == 0 and retry.params == trials[0].params
+    assert retry.user_attrs["run_dir"] == str(trial_dir)
+    assert sorted(retry.intermediate_values) == [done, done + 1]  # resumed from the checkpoint, not restarted
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dead = [r for r in _mlflow_runs(uri, "cdsr-t", "tune-trial") + _mlflow_runs(uri, "cdsr-t", "tune")
+            if "cdsr.reaped" in r.data.tags]
+    assert sorted(r.data.tags["cdsr.kind"] for r in dead) == ["tune", "tune-trial"]  # ended by the new run

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from servers import descendants
 
 from cdsr.train.distributed import SINGLE, Dist, GradSync, shard
 
@@ -89,29 +90,15 @@ def test_every_model_keeps_identical_replicas(tmp_path, tiny_root):
         assert m["history"][0]["val_NDCG@10"] > 0, name
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _rank_pid(root_pid: int, rank: int) -> int | None:
-    todo = [root_pid]
-    while todo:
-        pid = todo.pop()
+    """The process torchrun started as ``rank`` (its environment says so)."""
+    for pid in descendants(root_pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and b"LOCAL_RANK" in b"".join(env):
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"LOCAL_RANK=") for e in env):
             return pid
-        todo += _children(pid)
     return None
 
 
