@@ -103,3 +103,29 @@ def test_min_user_domain_events_all_vs_present():
     step = [{"min_user_domain_events": 2}]
     assert build_sequences(df, make_cfg(domains=["F", "K"], sequences={"filters": step, "domains_required": "all"})).stats["users"] == 1
     assert build_sequences(df, make_cfg(domains=["F", "K"], sequences={"filters": step, "domains_required": "present"})).stats["users"] == 2
+
+
+def test_parquet_input_and_byte_order_of_ids(tmp_path):
+    """build_sequences reads interactions.parquet out of core (DuckDB numbers users and items,
+    the filters run on integer codes): the same tables as from the frame, and ids ordered as
+    polars orders strings (bytes: upper case before lower case, non-ASCII last)."""
+    users = ["b", "B", "é", "a", "Z", "ä"]
+    rows = []
+    for k, u in enumerate(users):
+        for j in range(4):
+            item = ["x1", "X1", "ü", "x10"][(k + j) % 4]
+            rows.append((u, item + ("K" if j % 2 else "F"), "K" if j % 2 else "F", 100 + j * 10 + k))
+    df = pl.DataFrame(rows, schema=["user_id", "item_id", "domain", "timestamp"], orient="row").with_row_index(
+        "ingest_order").with_columns(pl.col("ingest_order").cast(pl.Int64))
+    path = tmp_path / "interactions.parquet"
+    df.write_parquet(path)
+    cfg = make_cfg(domains=["F", "K"], sequences={"filters": [{"min_item_events": 2}]})
+    a, b = build_sequences(df, cfg), build_sequences(path, cfg, work_dir=tmp_path)
+    for x, y in ((a.sequences, b.sequences), (a.items, b.items), (a.users, b.users)):
+        assert x.equals(y)
+    assert a.stats == b.stats
+    assert a.users["user_id"].to_list() == sorted(users, key=lambda s: s.encode())
+    for d in ("F", "K"):
+        ids = a.items.filter(pl.col("domain") == d)["item_id"].to_list()
+        assert ids == sorted(ids, key=lambda s: s.encode()) and ids == pl.Series(ids).sort().to_list()
+    assert not list(tmp_path.glob("cdsr-sequences-*"))  # the spill directory is removed

@@ -77,6 +77,35 @@ def test_negatives_stay_in_the_target_domain_and_short_domains_are_counted():
     assert meta["short_negative_rows"] == {"sampled-999": 4, "sampled-100": 4}
 
 
+@pytest.mark.parametrize("n_items", [30, 400])  # exact Gumbel path / rejection path
+def test_streamed_negatives_equal_the_in_memory_draw(tmp_path, n_items):
+    """write_negatives (the split stage above STREAM_NEGATIVES_CELLS) writes the rows of
+    sample_negatives, same draws and order, with small chunks and merge windows; the stage's
+    files are the same tables on either path."""
+    from cdsr.data.split import build_and_write_split, write_negatives
+
+    rng = np.random.default_rng(1)
+    n_users = 700
+    dom = rng.integers(0, 2, size=(n_users, 8))
+    lists = [[int(rng.integers(1, n_items + 1)) + d * n_items for d in row] for row in dom]
+    seqs = _seqs(lists, dom.tolist())
+    items = _items([n_items, n_items])
+    targets = leave_one_out(seqs)
+    want = sample_negatives(seqs, targets, items, 20, seed=3, max_cells=3000)
+    counts = write_negatives(seqs, targets, items, 20, seed=3, path=tmp_path / "n.parquet", max_cells=3000,
+                             merge_cells=20 * 37)
+    got = pl.read_parquet(tmp_path / "n.parquet")
+    assert got.equals(want) and counts.tolist() == want["n_negatives"].to_list()
+    assert not list(tmp_path.glob("cdsr-negatives-*"))  # temp runs removed
+    cfg = make_cfg()
+    for name, cells in (("memory", 1 << 40), ("streamed", 1)):
+        (tmp_path / name).mkdir()
+        build_and_write_split(seqs, items, cfg, tmp_path / name, stream_cells=cells)
+    for f in ("split.parquet", "negatives.parquet"):
+        assert pl.read_parquet(tmp_path / "streamed" / f).equals(pl.read_parquet(tmp_path / "memory" / f))
+    assert (tmp_path / "streamed" / "split.json").read_text() == (tmp_path / "memory" / "split.json").read_text()
+
+
 @pytest.fixture(scope="module")
 def built(tiny_root):
     return SplitData.load(tiny_root / "t" / "processed")

@@ -260,3 +260,91 @@ def test_gx_reports_time_order_row_by_row(tmp_path: Path) -> None:
     exc = fails(validate_sequences, s, items(), make_cfg(), tmp_path, check="seq_long.time_ordered")
     assert exc.report["great_expectations"]["seq_long.time_ordered"]["unexpected_count"] == 1
     assert exc.report["great_expectations"]["users.time_ordered"]["unexpected_count"] == 1
+
+
+# --------------------------------------------------------------------------- batched (large tables)
+
+
+def _batched_equals_whole(whole_dir: Path, batched_dir: Path) -> dict:
+    """The batched run's report equals the whole-table run's (failures in any order)."""
+    a = json.loads((whole_dir / "validation.json").read_text())
+    b = json.loads((batched_dir / "validation.json").read_text())
+    def by_check(r: dict) -> list:
+        return sorted(r["failures"], key=lambda f: (f["layer"], f["check"]))
+
+    assert by_check(b) == by_check(a)
+    assert {k: v for k, v in b.items() if k != "failures"} == {k: v for k, v in a.items() if k != "failures"}
+    assert (batched_dir / "data_docs" / "index.html").is_file()
+    return a
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_interactions_in_batches_report_as_whole(tmp_path: Path, broken: bool) -> None:
+    """validate_interactions_file with tiny batches: the same report as one whole-table run, also
+    for cross-row failures that span batches (a repeated ingest_order, exact duplicates, an item
+    in two domains) and row failures in several batches."""
+    import polars as pl
+
+    from cdsr.data.validate import validate_interactions_file
+
+    df = pd.concat([interactions()] * 3, ignore_index=True)
+    df["user_id"] = df["user_id"] + pd.Series(np.arange(len(df)) // 6, dtype="int64").astype(str)
+    df["ingest_order"] = np.arange(len(df), dtype="int64")
+    if broken:
+        df.loc[[1, 13], "ingest_order"] = 7  # rows 1, 7, 13 share one ingest_order (3 batches)
+        df.loc[11] = df.loc[2]  # an exact duplicate across batches (and ingest_order 2 again)
+        df.loc[[4, 9, 16], "item_id"] = ["", " ", "\x00x"]  # row failures in 3 batches
+        df.loc[15, "domain"] = "B"  # item a1 of user 2 in domain B: a1 is now in two domains
+    path = tmp_path / "interactions.parquet"
+    pl.from_pandas(df).write_parquet(path)
+    cfg = make_cfg()
+    whole = pl.read_parquet(path).to_pandas()
+    runs = {}
+    for name, call in (("whole", lambda d: validate_interactions(whole, cfg, d)),
+                       ("batched", lambda d: validate_interactions_file(path, cfg, d, batch_rows=5))):
+        try:
+            runs[name] = call(tmp_path / name)
+        except ValidationFailed as exc:
+            runs[name] = exc.report
+    report = _batched_equals_whole(tmp_path / "whole", tmp_path / "batched")
+    assert report["success"] is not broken
+    if broken:
+        assert report["pandera"]["interactions.ingest_order:unique"] == 5  # 1, 7, 13 and 2, 11
+        assert report["pandera"]["interactions.no_exact_duplicates"] == 2
+        assert report["great_expectations"]["interactions.item_id:non_empty"]["unexpected_count"] == 2
+        fail = {f["check"]: f for f in report["failures"] if f["layer"] == "pandera"}
+        assert fail["interactions.no_exact_duplicates"]["examples"][0].startswith("raw/x.csv:4: ")
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_sequences_in_batches_report_as_whole(tmp_path: Path, broken: bool) -> None:
+    """validate_sequence_tables with batches of a few users: the same report as one run on the
+    exploded table, and a user order broken across a batch boundary is caught."""
+    import polars as pl
+
+    from cdsr.data.sequences import explode_sequences
+    from cdsr.data.validate import validate_sequence_tables
+
+    its = [[1, 3, 2, 4], [2, 1, 4, 3], [1, 3, 4], [2, 4, 1, 3, 2], [3, 1, 4, 2]]
+    users = [0, 1, 2, 3, 4] if not broken else [0, 1, 3, 2, 4]
+    dom = dict(zip(items()["item_idx"], items()["domain_idx"]))
+    ts = [[T0 + 100 * u + p for p in range(len(s))] for u, s in zip(users, its)]
+    if broken:
+        ts[1][2] = T0  # out of time order inside user 1
+    seqs = pl.DataFrame({"user_idx": users, "user_id": [f"u{u}" for u in users], "items": its,
+                         "domains": [[dom[i] for i in s] for s in its], "timestamps": ts},
+                        schema={"user_idx": pl.Int64, "user_id": pl.String, "items": pl.List(pl.Int64),
+                                "domains": pl.List(pl.Int64), "timestamps": pl.List(pl.Int64)})
+    it = pl.from_pandas(items())
+    cfg = make_cfg([{"min_user_domain_events": 1}])
+    for name, call in (("whole", lambda d: validate_sequences(explode_sequences(seqs).to_pandas(), items(), cfg, d)),
+                       ("batched", lambda d: validate_sequence_tables(seqs, it, cfg, d, batch_rows=6))):
+        try:
+            call(tmp_path / name)
+        except ValidationFailed:
+            pass
+    report = _batched_equals_whole(tmp_path / "whole", tmp_path / "batched")
+    assert report["success"] is not broken
+    if broken:
+        assert report["pandera"]["seq_long.sorted_by_user_pos"] == 1
+        assert report["great_expectations"]["seq_long.user_idx:sorted"]["unexpected_count"] == 1

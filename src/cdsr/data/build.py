@@ -25,8 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import polars as pl
-
 from cdsr.data.config import DatasetConfig
 
 
@@ -74,34 +72,33 @@ def stage_ingest(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
 
 
 def stage_validate(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
-    from cdsr.data.validate import validate_interactions
+    from cdsr.data.validate import validate_interactions_file
 
     p = paths(cfg, data_root)
-    df = pl.read_parquet(p.interim / "interactions.parquet").to_pandas()
-    return validate_interactions(df, cfg, p.interim / "validation", p.interim / "validation_timing.json")
+    return validate_interactions_file(p.interim / "interactions.parquet", cfg, p.interim / "validation",
+                                      p.interim / "validation_timing.json")
 
 
 def stage_sequences(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
-    from cdsr.data.sequences import build_sequences, explode_sequences, write_sequences
-    from cdsr.data.validate import validate_sequences
+    from cdsr.data.sequences import build_sequences, write_sequences
+    from cdsr.data.validate import validate_sequence_tables
 
     p = paths(cfg, data_root)
-    tables = build_sequences(pl.read_parquet(p.interim / "interactions.parquet"), cfg)
-    validate_sequences(explode_sequences(tables.sequences).to_pandas(), tables.items.to_pandas(), cfg,
-                       p.processed / "validation", p.processed / "validation_timing.json")
+    p.processed.mkdir(parents=True, exist_ok=True)
+    tables = build_sequences(p.interim / "interactions.parquet", cfg, work_dir=p.processed)
+    validate_sequence_tables(tables.sequences, tables.items, cfg, p.processed / "validation",
+                             p.processed / "validation_timing.json")
     write_sequences(tables, p.processed)
     return tables.stats
 
 
 def stage_split(cfg: DatasetConfig, data_root: str | Path = "data") -> dict:
     from cdsr.data.sequences import read_sequences
-    from cdsr.data.split import build_split, write_split
+    from cdsr.data.split import build_and_write_split
 
     p = paths(cfg, data_root)
     seqs, items = read_sequences(p.processed)
-    targets, negs, meta = build_split(seqs, items, cfg)
-    write_split(targets, negs, meta, p.processed)
-    return meta
+    return build_and_write_split(seqs, items, cfg, p.processed)
 
 
 STAGES: dict[str, Callable[[DatasetConfig, str | Path], dict]] = {

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
@@ -212,52 +212,149 @@ def run_suites(tables: list[GxTable], docs_dir: Path, result_format: str = "SUMM
     Returns ``{"<asset>.<check>": {"expectation", "success", "unexpected_count",
     "partial_unexpected", ["error"]}}``. Always writes the docs (also when expectations fail).
     """
-    out: dict[str, dict[str, Any]] = {}
-    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
-    with tempfile.TemporaryDirectory(prefix="cdsr-gx-") as tmp:
-        ctx = gx.get_context(mode="file", project_root_dir=tmp)
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        for name, site in (ctx.variables.data_docs_sites or {}).items():  # index in sorted order
+    with SuiteRunner(result_format) as runner:
+        for t in tables:
+            runner.run(t.asset, t.frame, t.expectations)
+        return runner.finish(docs_dir)
+
+
+class SuiteRunner:
+    """One temporary file-backed GX context: tables are validated whole or batch by batch
+    (``run`` called once per batch of the same asset), Data Docs are built once by ``finish``.
+
+    Batches of one asset run the same suite; their results add up (unexpected counts, element
+    counts, the first unexpected values), and the stored validation result of the asset (what
+    Data Docs show) is rewritten with the totals. ``finish(overrides=...)`` replaces the result of
+    a check with one computed over the whole table elsewhere (a uniqueness that spans batches).
+    """
+
+    def __init__(self, result_format: str = "SUMMARY") -> None:
+        self.result_format = result_format
+        self._tmp = tempfile.TemporaryDirectory(prefix="cdsr-gx-")
+        self.ctx = gx.get_context(mode="file", project_root_dir=self._tmp.name)
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        for name, site in (self.ctx.variables.data_docs_sites or {}).items():  # index in sorted order
             site["store_backend"] = {**site["store_backend"], "module_name": __name__,
                                      "class_name": SortedTupleFilesystemStoreBackend.__name__}
-            ctx.update_data_docs_site(name, site)
-        ds = ctx.data_sources.add_pandas("cdsr")
-        for t in tables:
-            asset = ds.add_dataframe_asset(t.asset)
-            batch = asset.add_batch_definition_whole_dataframe("whole_table")
-            suite = ctx.suites.add(gx.ExpectationSuite(name=t.asset, expectations=list(t.expectations)))
-            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=t.asset, data=batch, suite=suite))
-            # results go to the context's validation store; the docs are built once below
+            self.ctx.update_data_docs_site(name, site)
+        self.ds = self.ctx.data_sources.add_pandas("cdsr")
+        self.run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
+        self.out: dict[str, dict[str, Any]] = {}
+        self._assets: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+    def run(self, asset: str, frame: pd.DataFrame, expectations: list[Expectation]) -> None:
+        """Validate ``frame`` (the whole table, or its next batch) against the asset's suite."""
+        st = self._assets.get(asset)
+        if st is None:
+            a = self.ds.add_dataframe_asset(asset)
+            batch = a.add_batch_definition_whole_dataframe("whole_table")
+            suite = self.ctx.suites.add(gx.ExpectationSuite(name=asset, expectations=list(expectations)))
+            vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=asset, data=batch, suite=suite))
+            # results go to the context's validation store; the docs are built once in finish
             # (each site build recompiles GX's templates, ~0.7 s, so not one build per table)
-            cp = ctx.checkpoints.add(gx.Checkpoint(name=t.asset, validation_definitions=[vd], actions=[],
-                                                   result_format={"result_format": result_format}))
-            res = cp.run(batch_parameters={"dataframe": t.frame}, run_id=run_id)
-            for result_id, vr in res.run_results.items():
-                markers = vr.meta.get("batch_markers") or {}
-                if "ge_load_time" in markers:  # when the frame was loaded: fixed like the run time
-                    markers["ge_load_time"] = result_id.run_id.to_tuple()[1]
-                    ctx.validation_results_store.set(result_id, vr)
-                for r in vr.results:
-                    cfg = r.expectation_config
-                    key = f"{t.asset}.{(cfg.meta or {}).get('check', cfg.type)}"
-                    while key in out:  # two expectations with one check name: keep both
-                        key += "'"
-                    info = r.exception_info or {}
-                    entry: dict[str, Any] = {
-                        "expectation": cfg.type,
-                        "success": bool(r.success),
-                        "unexpected_count": r.result.get("unexpected_count"),
-                        "partial_unexpected": [_plain(v) for v in (r.result.get("partial_unexpected_list") or [])[:5]],
-                    }
-                    if info.get("raised_exception"):
-                        entry["error"] = str(info.get("exception_message"))
-                    out[key] = entry
-        ctx.build_data_docs()  # every stored suite and validation result, plus the index
-        site = Path(tmp) / "gx" / "uncommitted" / "data_docs" / "local_site"
+            cp = self.ctx.checkpoints.add(gx.Checkpoint(name=asset, validation_definitions=[vd], actions=[],
+                                                        result_format={"result_format": self.result_format}))
+            st = self._assets[asset] = {"cp": cp, "batches": 0, "keys": {}, "counts": {}, "stored": []}
+        res = st["cp"].run(batch_parameters={"dataframe": frame}, run_id=self.run_id)
+        st["batches"] += 1
+        for result_id, vr in res.run_results.items():
+            markers = vr.meta.get("batch_markers") or {}
+            if "ge_load_time" in markers:  # when the frame was loaded: fixed like the run time
+                markers["ge_load_time"] = result_id.run_id.to_tuple()[1]
+                self.ctx.validation_results_store.set(result_id, vr)
+            st["stored"] = [(result_id, vr)]
+            local: set[str] = set()
+            for r in vr.results:
+                cfg = r.expectation_config
+                key = f"{asset}.{(cfg.meta or {}).get('check', cfg.type)}"
+                while key in local:  # two expectations with one check name: keep both
+                    key += "'"
+                local.add(key)
+                info = r.exception_info or {}
+                entry: dict[str, Any] = {
+                    "expectation": cfg.type,
+                    "success": bool(r.success),
+                    "unexpected_count": r.result.get("unexpected_count"),
+                    "partial_unexpected": [_plain(v) for v in (r.result.get("partial_unexpected_list") or [])[:5]],
+                }
+                if info.get("raised_exception"):
+                    entry["error"] = str(info.get("exception_message"))
+                counts = st["counts"].setdefault(key, {"element_count": 0, "missing_count": 0})
+                for c in counts:
+                    counts[c] += int(r.result.get(c) or 0)
+                prev = self.out.get(key)
+                self.out[key] = entry if prev is None else _add_up(prev, entry)
+
+    def finish(self, docs_dir: Path, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Apply ``overrides``, store the batch totals for Data Docs, build them into ``docs_dir``."""
+        for key, entry in (overrides or {}).items():
+            self.out[key] = {**self.out.get(key, {}), **entry}
+        for asset, st in self._assets.items():
+            if st["batches"] > 1 or any(k.startswith(asset + ".") for k in (overrides or {})):
+                for result_id, vr in st["stored"]:
+                    self._store_totals(asset, st, result_id, vr)
+        self.ctx.build_data_docs()  # every stored suite and validation result, plus the index
+        site = Path(self._tmp.name) / "gx" / "uncommitted" / "data_docs" / "local_site"
         if docs_dir.exists():
             shutil.rmtree(docs_dir)
         shutil.copytree(site, docs_dir)
-    _normalise_docs(docs_dir)
+        _normalise_docs(docs_dir)
+        return self.out
+
+    def _store_totals(self, asset: str, st: dict[str, Any], result_id: Any, vr: Any) -> None:
+        """Rewrite the last batch's stored result with the totals over all batches."""
+        local: set[str] = set()
+        ok = 0
+        for r in vr.results:
+            cfg = r.expectation_config
+            key = f"{asset}.{(cfg.meta or {}).get('check', cfg.type)}"
+            while key in local:
+                key += "'"
+            local.add(key)
+            e = self.out[key]
+            r.success = e["success"]
+            ok += bool(e["success"])
+            res = r.result
+            if res is None:
+                continue
+            n = st["counts"][key]["element_count"]
+            res["element_count"] = n
+            if "missing_count" in res:
+                res["missing_count"] = st["counts"][key]["missing_count"]
+                res["missing_percent"] = 100.0 * res["missing_count"] / n if n else None
+            if "unexpected_count" in res:
+                u = e["unexpected_count"]
+                res["unexpected_count"] = u
+                res["partial_unexpected_list"] = list(e["partial_unexpected"])
+                nonmissing = n - int(res.get("missing_count") or 0)
+                for k, base in (("unexpected_percent", nonmissing), ("unexpected_percent_total", n),
+                                ("unexpected_percent_nonmissing", nonmissing)):
+                    if k in res:
+                        res[k] = 100.0 * u / base if u is not None and base else 0.0
+                res.pop("partial_unexpected_counts", None)
+                res.pop("partial_unexpected_index_list", None)
+        vr.success = ok == len(vr.results)
+        if vr.statistics:
+            vr.statistics["successful_expectations"] = ok
+            vr.statistics["unsuccessful_expectations"] = len(vr.results) - ok
+            vr.statistics["success_percent"] = 100.0 * ok / len(vr.results) if vr.results else None
+        self.ctx.validation_results_store.set(result_id, vr)
+
+
+def _add_up(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The result of one check over two batches."""
+    ua, ub = a["unexpected_count"], b["unexpected_count"]
+    out = {**a, "success": a["success"] and b["success"],
+           "unexpected_count": ua + ub if ua is not None and ub is not None else (ua if ub is None else ub),
+           "partial_unexpected": (a["partial_unexpected"] + b["partial_unexpected"])[:5]}
+    if "error" not in a and "error" in b:
+        out["error"] = b["error"]
     return out
 
 

@@ -73,6 +73,8 @@ RAW_MAX_CHARS = 2000
 TMP_PREFIX = "cdsr-ingest-"
 _TMP_OWNER = re.compile(rf"{TMP_PREFIX}(\d+)-")
 _EXACT_DOUBLE_INT = 2**53  # doubles hold every integer up to here
+# candidate rows above which the duplicate / cross-domain pass runs narrow (_narrow_policies)
+NARROW_POLICY_ROWS = 4_000_000
 
 
 def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
@@ -297,8 +299,13 @@ def _empty_quarantine() -> pa.Table:
     return QUARANTINE_SCHEMA.empty_table()
 
 
-def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Path, qrows: Path, out_dir: Path) -> dict:
-    """Duplicate and cross-domain-item policies over all candidate rows (out of core)."""
+def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Path, qrows: Path, out_dir: Path,
+                    narrow_from: int = NARROW_POLICY_ROWS) -> dict:
+    """Duplicate and cross-domain-item policies over all candidate rows (out of core).
+
+    Up to ``narrow_from`` candidate rows the policies label a full-width copy of the candidates
+    and sort the kept rows (the files of the committed datasets come from this path, byte for
+    byte); beyond, :func:`_narrow_policies` writes the same tables without that copy."""
     out_inter, out_dup, out_q = (_sql_str(str(out_dir / f)) for f in
                                  ("interactions.parquet", "duplicates.parquet", "quarantine.parquet"))
     if cand.exists():
@@ -311,6 +318,8 @@ def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Pa
         con.execute(f"create view qrows as select * from read_parquet({_sql_str(str(qrows))})")
     else:
         con.register("qrows", _empty_quarantine())
+    if cand.exists() and pq.ParquetFile(cand).metadata.num_rows > narrow_from:
+        return _narrow_policies(con, cfg, cand, out_inter, out_dup, out_q, out_dir)
     dup = cfg.ingest.duplicates == "drop"
     con.execute(f"""
         create temp table ranked as
@@ -345,17 +354,100 @@ def _apply_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Pa
         order by source_file, source_line, source_pos) to {out_q} (format parquet)""")
     kept = con.execute("select count(*) from labelled where fate is null").fetchone()[0]
     dups = con.execute("select count(*) from labelled where fate = 'duplicate'").fetchone()[0]
+    n_cand = con.execute("select count(*) from cand").fetchone()[0]
+    return _policy_report(con, out_q, n_cand, kept, dups)
+
+
+def _policy_report(con: duckdb.DuckDBPyConnection, out_q: str, n_cand: int, kept: int, dups: int) -> dict:
+    """The row account of the policy pass: read = kept + quarantined + duplicate."""
     reasons = dict(con.execute(f"select reason, count(*) from read_parquet({out_q}) "
                                "group by reason order by 2 desc, 1").fetchall())
-    n_cand = con.execute("select count(*) from cand").fetchone()[0]
-    n_q = sum(reasons.values())
     return {
         "rows_read": int(n_cand + con.execute("select count(*) from qrows").fetchone()[0]),
         "rows_kept": int(kept),
-        "rows_quarantined": int(n_q),
+        "rows_quarantined": int(sum(reasons.values())),
         "rows_duplicate": int(dups),
         "quarantine_reasons": {k: int(v) for k, v in reasons.items()},
     }
+
+
+def _narrow_policies(con: duckdb.DuckDBPyConnection, cfg: DatasetConfig, cand: Path, out_inter: str, out_dup: str,
+                     out_q: str, out_dir: Path) -> dict:
+    """The policies of :func:`_apply_policies` for tens of millions of rows: the same tables and
+    report, with memory and temp disk bounded by the rows that a policy drops."""
+    # Only the rows that a policy drops are materialised (by ingest_order), never a full-width
+    # copy of the candidates (at 50M rows that copy spilled more than the data itself to disk).
+    # Exact duplicates are found in two steps: rows whose key hash repeats (a narrow
+    # aggregation), then the exact key among those rows only (NULL ratings are equal).
+    key = "user_id, item_id, domain, timestamp, rating"
+    if cfg.ingest.duplicates == "drop":
+        con.execute(f"""
+            create temp table dup_rows as
+            with h as (select hash({key}) as h from cand group by 1 having count(*) > 1),
+            c as (select ingest_order, {key} from cand where hash({key}) in (select h from h))
+            select ingest_order from (
+                select ingest_order, row_number() over (partition by {key} order by ingest_order) as dup_rank from c)
+            where dup_rank > 1""")
+    else:
+        con.execute("create temp table dup_rows as select NULL::BIGINT as ingest_order where false")
+    keep_first = cfg.ingest.cross_domain_items == "keep_first"
+    con.execute("""
+        create temp table multi as
+        select item_id, first_domain from (
+            select item_id, count(distinct domain) as n_domains, arg_min(domain, ingest_order) as first_domain
+            from cand where ingest_order not in (select ingest_order from dup_rows) group by item_id)
+        where n_domains > 1""")
+    con.execute(f"""
+        create temp table cross_rows as
+        select c.ingest_order from cand c join multi m on c.item_id = m.item_id
+        where c.ingest_order not in (select ingest_order from dup_rows)
+              {'and c.domain <> m.first_domain' if keep_first else ''}""")
+    cols = ", ".join(INTERACTION_COLUMNS)
+    dups = con.sql("select count(*) from dup_rows").fetchall()[0][0]
+    n_cross = con.sql("select count(*) from cross_rows").fetchall()[0][0]
+    n_cand = con.sql("select count(*) from cand").fetchall()[0][0]
+    if dups == n_cross == 0:  # nothing dropped: the candidates (written in order) are the output
+        shutil.copyfile(cand, out_dir / "interactions.parquet")
+    else:
+        # the candidates are in ingest_order already: they stream through in file order, less the
+        # dropped rows, rather than being sorted again at full width (DuckDB keeps the order of a
+        # single stream; checked below)
+        dropped = np.unique(np.concatenate([
+            con.sql("select ingest_order from dup_rows").fetchnumpy()["ingest_order"],
+            con.sql("select ingest_order from cross_rows").fetchnumpy()["ingest_order"]]).astype(np.int64))
+        kept_stream = pa.RecordBatchReader.from_batches(INTERACTION_SCHEMA, _without(cand, dropped))
+        con.register("kept_stream", kept_stream)
+        con.execute(f"copy (select {cols} from kept_stream) to {out_inter} (format parquet)")
+        con.unregister("kept_stream")
+        _check_increasing(out_dir / "interactions.parquet")
+    con.execute(f"copy (select {cols} from cand where ingest_order in (select ingest_order from dup_rows) "
+                f"order by ingest_order) to {out_dup} (format parquet)")
+    con.execute(f"""copy (
+        select source_file, source_line, source_pos, reason, raw, user_id, item_id, domain, raw_bytes from qrows
+        union all
+        select source_file, source_line, source_pos, 'item_in_multiple_domains', NULL, user_id, item_id, domain, NULL::BLOB
+        from cand where ingest_order in (select ingest_order from cross_rows)
+        order by source_file, source_line, source_pos) to {out_q} (format parquet)""")
+    return _policy_report(con, out_q, n_cand, n_cand - dups - n_cross, dups)
+
+
+def _without(path: Path, dropped: np.ndarray):
+    """The rows of a Parquet file sorted by ingest_order, less those in ``dropped`` (sorted)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+        io = batch.column("ingest_order").to_numpy()
+        at = np.minimum(np.searchsorted(dropped, io), max(len(dropped) - 1, 0))
+        drop = dropped[at] == io if len(dropped) else np.zeros(len(io), dtype=bool)
+        yield batch.filter(pa.array(~drop)).cast(INTERACTION_SCHEMA)
+
+
+def _check_increasing(path: Path) -> None:
+    """ingest_order strictly increases down the file (read one column, batch by batch)."""
+    last = -1
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["ingest_order"]):
+        a = batch.column(0).to_numpy()
+        if len(a) and (a[0] <= last or (len(a) > 1 and bool((a[1:] <= a[:-1]).any()))):
+            raise AssertionError(f"{path}: rows out of ingest order")  # a bug, never bad input
+        last = int(a[-1]) if len(a) else last
 
 
 def quarantine_summary(out_dir: Path, limit: int = 5) -> list[str]:
