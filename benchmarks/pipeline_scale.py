@@ -33,6 +33,7 @@ It always exits 0; the target (every stage under 8 GB peak RSS) is printed as ME
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -48,8 +49,16 @@ import zlib
 from multiprocessing import Pool
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import _fmt_rows  # benchmarks/ingest.py: the same row-count labels
+
+def _sibling(name: str):
+    """A module of benchmarks/ loaded by file path (the import path is left alone)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_fmt_rows = _sibling("ingest")._fmt_rows  # benchmarks/ingest.py: the same row-count labels
 
 GEN_VERSION = 1
 BLOCK_ROWS = 500_000
