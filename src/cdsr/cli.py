@@ -136,6 +136,71 @@ def data_list(params: Optional[Path] = PARAMS, root: Path = ROOT) -> None:
         typer.echo(f"{name:34s} {state:55s} {(entry or {}).get('description', '')[:60]}")
 
 
+def _fetch_list() -> None:
+    from cdsr.data.catalogue import RELEASES
+
+    for r in RELEASES.values():
+        typer.echo(f"Amazon {r.name} ({r.homepage})")
+        typer.echo(f"  mirrors, in order: {', '.join(r.mirrors)}")
+        for kind, paths in r.kinds.items():
+            typer.echo(f"  {kind:32s} {', '.join(paths)}")
+        typer.echo(f"  categories: {', '.join(r.categories)}")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: Optional[str] = typer.Argument(None, help="A dataset with a `fetch:` entry in params.yaml."),
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+    list_: bool = typer.Option(False, "--list", help="List the catalogue: releases, mirrors, file kinds, categories."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print URLs, pinned sizes and destinations; download nothing."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="A private mirror tried first: <URL>/<release>/<path> (default $CDSR_FETCH_BASE_URL or fetch.base_url)."),
+    mirror_only: bool = typer.Option(False, "--mirror-only", help="Use only the private mirror, never the official hosts."),
+    retries: Optional[int] = typer.Option(None, "--retries", min=0, help="Attempts per mirror after the first (default fetch.retries)."),
+    lock: Optional[Path] = typer.Option(None, "--lock", help="Lock file of pinned sizes and sha256 (default fetch.lock: fetch.lock.json)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar on stderr (only on a terminal)."),
+    dvc: bool = typer.Option(False, "--dvc/--no-dvc", help="Then `dvc add <root>/<dataset>/raw`, so DVC versions and caches the fetched files."),
+) -> None:
+    """Download a dataset's raw files from the official Amazon releases: mirrors in order, resumed
+    after a drop, verified against pinned sizes and sha256 before they are moved into place."""
+    import os
+
+    from cdsr.data import fetch as F
+
+    if list_:
+        _fetch_list()
+        return
+    if dataset is None:
+        _fail("give a dataset name (or --list)")
+    cfg = _dataset(dataset, params)
+    if cfg.fetch is None:
+        _fail(f"dataset '{dataset}' has no `fetch:` entry in the params file (its raw files are local)")
+    try:
+        fc = F.fetch_config(load_params(params))
+        base = mirror or os.environ.get(F.ENV_BASE_URL) or fc.base_url
+        lk = F.Lock(lock or Path(fc.lock))
+        raw = Path(root) / cfg.name / "raw"
+        files = F.plan(cfg.name, cfg.fetch, raw, lk, base, mirror_only)
+        if dry_run:
+            for f in files:
+                size = f"{f.pin.size} bytes" if f.pin.size is not None else "size unknown"
+                pinned = "pinned" if (f.pin.sha256 or f.pin.md5) else "not pinned yet"
+                typer.echo(f"{f.dest}  ({size}, {pinned})")
+                for u in f.urls:
+                    typer.echo(f"    {u}")
+            return
+        opts = F.Options(retries=fc.retries if retries is None else retries, backoff_s=fc.backoff_s,
+                         timeout_s=fc.timeout_s, progress=progress,
+                         log=lambda m: typer.echo(m, err=True))
+        F.fetch_all(files, lk, opts)
+        if dvc:
+            F.dvc_add(raw, typer.echo)
+    except (F.FetchError, ConfigError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(files)} file(s) in {raw}; next: cdsr data build --dataset {cfg.name}"
+               + (f" --root {root}" if Path(root) != Path("data") else ""))
+
+
 @app.command("models")
 def models_list() -> None:
     """List the registered models (name first) and their variants."""

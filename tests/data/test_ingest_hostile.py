@@ -57,6 +57,8 @@ SAMPLES: dict[str, tuple] = {
     "ratings-csv-2018": ("Food.csv", None, ["I1,U024,5.0,1400000000", "I2,U025,4.0,1400000001"], 1, {}, {}),
     "interaction-csv": ("Food.csv", "user_id,item_id,timestamp", ["U024,I1,1400000000", "U025,I2,1400000001"], 1,
                         {}, {}),
+    "amazon-2023-benchmark-csv": ("Food.train.csv", "user_id,parent_asin,rating,timestamp,history",
+                                  ["U024,I1,5.0,1400000000000,", 'U025,I2,4.0,1400000001000,"I0 I1"'], 1, {}, {}),
     "abxi-benchmark": ("seq.txt", None, ["0 1|1400000000 3|1400000001", "1 2|1400000002 1|1400000003"], 2,
                        {"domain_names": ["Food", "Kitchen"]}, {}),
     "syncrec-seq": ("amazon_seq.txt", SYNCREC_HEADER, ["0\tU024\tI1,I2\tBooks,Toys\t1400000000,1400000001\t2",
@@ -415,12 +417,14 @@ QUARANTINE_REASONS = {
     "no_events", "list_length_mismatch",
 }
 FORMAT_CASES = ["amazon-review-json", "amazon-review-json-gz", "amazon-2023-jsonl", "ratings-csv-2014",
-                "ratings-csv-2018", "interaction-csv", "abxi-benchmark", "syncrec-seq", "kuairand-seq"]
+                "ratings-csv-2018", "interaction-csv", "amazon-2023-benchmark-csv", "abxi-benchmark", "syncrec-seq",
+                "kuairand-seq"]
 FILE_NAMES = {"amazon-review-json": "Food.json", "amazon-review-json-gz": "Food.json.gz",
               "amazon-2023-jsonl": "Food.jsonl", "ratings-csv-2014": "Food.csv", "ratings-csv-2018": "Food.csv",
-              "interaction-csv": "Food.csv", "abxi-benchmark": "seq.txt", "syncrec-seq": "amazon_seq.txt",
-              "kuairand-seq": "seqs.tsv"}
+              "interaction-csv": "Food.csv", "amazon-2023-benchmark-csv": "Food.valid.csv", "abxi-benchmark": "seq.txt",
+              "syncrec-seq": "amazon_seq.txt", "kuairand-seq": "seqs.tsv"}
 HEADERS = {"interaction-csv": "user_id,item_id,timestamp,rating", "syncrec-seq": SYNCREC_HEADER,
+           "amazon-2023-benchmark-csv": "user_id,parent_asin,rating,timestamp,history",
            "kuairand-seq": KUAIRAND_HEADER}
 
 # field values: mostly valid, a good share hostile
@@ -504,6 +508,9 @@ def _line(fmt: str) -> st.SearchStrategy[str]:
         return _fields(["item", "user", "rating", "ts"]).map(",".join)
     if fmt == "interaction-csv":
         return _fields(["user", "item", "ts", "rating"]).map(",".join)
+    if fmt == "amazon-2023-benchmark-csv":  # ms timestamps, then a history field (never events)
+        return _fields(["user", "item", "rating", "ts"]).map(
+            lambda f: ",".join(v + "000" if k == 3 and v.isdigit() else v for k, v in enumerate(f)) + ',"I1 I2"')
     return _seq_line(fmt)
 
 
@@ -572,10 +579,11 @@ def model_rows(fmt: str, lines: list[bytes]) -> int | None:
         if fmt != "kuairand-seq":  # its header is skipped unread
             if header is None:
                 return None
-            delim = "," if fmt == "interaction-csv" else "\t"
+            delim = "\t" if fmt == "syncrec-seq" else ","
             cols = [h.strip().strip('"') for h in header.rstrip("\r\n").split(delim)]
-            need = ["user_id", "item_id", "timestamp"] if fmt == "interaction-csv" else ["user_id", "item", "type",
-                                                                                        "unix_time"]
+            need = {"interaction-csv": ["user_id", "item_id", "timestamp"],
+                    "amazon-2023-benchmark-csv": ["user_id", "parent_asin", "rating", "timestamp"]}.get(
+                fmt, ["user_id", "item", "type", "unix_time"])
             if any(c not in cols for c in need):
                 return None
             n_fields = len(cols)

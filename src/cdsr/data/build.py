@@ -134,5 +134,10 @@ def summarise(stage: str, res: dict) -> str:
         return (f"{res['users']} users, items {res['items_per_domain']}, events {res['events_per_domain']}, "
                 f"mean length {res['mean_length']:.2f}, delta {res['delta']:.3f}")
     if stage == "split":
-        return f"leave-one-out targets {res['targets']}, negatives {list(res['protocols'])} (seed {res['seed']})"
+        extra = ""
+        if res.get("scheme") == "timestamp":
+            dropped = res["timestamp_split"]["dropped_no_training_events"]
+            extra = f", dropped {dropped['users']} users without training events ({dropped['targets']} targets)"
+        return (f"{res.get('scheme', 'leave-one-out')} targets {res['targets']}{extra}, "
+                f"negatives {list(res['protocols'])} (seed {res['seed']})")
     return ""

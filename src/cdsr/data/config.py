@@ -126,12 +126,58 @@ class SequencesConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Leave-one-out split and the fixed sampled negatives of the sampled protocols."""
+    """The split scheme and the fixed sampled negatives of the sampled protocols
+    (docs/protocols.md "Data split").
+
+    ``scheme``: ``leave-one-out`` (per user: last event test, second last validation) or
+    ``timestamp`` (global cut-offs: events at or after ``test_from`` are test targets, events in
+    [``valid_from``, ``test_from``) validation targets, training only on events before
+    ``valid_from``). A cut-off is an integer (unix time in ``cutoff_unit``, ms by default as the
+    Amazon Reviews 2023 release publishes its cut-offs) or an ISO date / date-time string (UTC
+    unless it names a zone).
+    """
 
     # protocol name -> number of negatives; draws are nested (sampled-100 is the first 100 of
     # sampled-999's uniformly ordered draw), so one seed fixes both
     negatives: dict[str, int] = field(default_factory=lambda: {"sampled-999": 999, "sampled-100": 100})
     seed: int = 42
+    scheme: Literal["leave-one-out", "timestamp"] = "leave-one-out"
+    valid_from: int | str | None = None
+    test_from: int | str | None = None
+    cutoff_unit: Literal["s", "ms"] = "ms"
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("valid_from", "test_from") if getattr(self, k) is not None]
+        if self.scheme == "leave-one-out":
+            if given:  # silently ignoring a cut-off would run another protocol than the one asked for
+                raise ConfigError(f"split.{given[0]}: only the 'timestamp' scheme takes cut-offs; "
+                                  f"add 'scheme: timestamp' or remove it")
+            return
+        if len(given) < 2:
+            raise ConfigError("split: the 'timestamp' scheme needs both valid_from and test_from "
+                              "(e.g. the Amazon Reviews 2023 release's 1628643414042 and 1658002729837, ms)")
+        v, t = self.cutoffs()
+        if not v < t:
+            raise ConfigError(f"split: valid_from {self.valid_from!r} must come before test_from {self.test_from!r} "
+                              f"(as unix seconds: {v} >= {t})")
+
+    def cutoffs(self) -> tuple[int, int]:
+        """(valid_from, test_from) as unix seconds, the resolution of the stored timestamps: an
+        integer in ms is floored to its second (an event stored at that second counts as at or
+        after the cut-off; see docs/protocols.md "Data split")."""
+        out = []
+        for key in ("valid_from", "test_from"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ConfigError(f"split.{key}: expected an integer or an ISO date, got {v!r}")
+            if isinstance(v, int):
+                out.append(v // 1000 if self.cutoff_unit == "ms" else v)
+            else:
+                try:
+                    out.append(_to_unix(v))
+                except ConfigError as exc:
+                    raise ConfigError(f"split.{key}: {exc}") from exc
+        return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -156,6 +202,24 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class FetchSpec:
+    """Which files of an official Amazon release `cdsr data fetch` downloads for a dataset, into
+    ``<root>/<dataset>/raw/`` (cdsr.data.fetch; the releases are in cdsr.data.catalogue)."""
+
+    release: str
+    categories: list[str]
+    files: list[str]
+
+    def __post_init__(self) -> None:
+        from cdsr.data.catalogue import CatalogueError, paths
+
+        try:
+            paths(self.release, self.categories, self.files)
+        except CatalogueError as exc:
+            raise ConfigError(f"fetch: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
     sources: list[SourceConfig]
@@ -166,6 +230,8 @@ class DatasetConfig:
     sequences: SequencesConfig = field(default_factory=SequencesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     generator: SyntheticConfig | None = None
+    # downloadable from an official release (`cdsr data fetch NAME`); None: raw files are local
+    fetch: FetchSpec | None = None
 
     def dir(self, root: str | Path = "data") -> Path:
         return Path(root) / self.name

@@ -69,6 +69,8 @@ def file_domain(src: SourceConfig, path: Path) -> str:
         if not m or "domain" not in m.groupdict():
             raise RawFormatError(f"{path}: domain_regex {src.domain_regex!r} has no 'domain' group match")
         return m.group("domain")
+    if src.format == "amazon-2023-benchmark-csv":
+        return benchmark_domain(path)
     return stem_domain(path)
 
 
@@ -458,6 +460,45 @@ def interaction_csv(src: SourceConfig, path: Path) -> FileReader:
     return FileReader(_csv_rows(cols, len(header), _sql_str(file_domain(src, path)), src.delimiter), skip_lines=1)
 
 
+# The parts of a benchmark split file name: <Category>.<part>.csv[.gz]
+_BENCHMARK_PARTS = ("train", "valid", "test")
+_BENCHMARK_COLUMNS = {"user": "user_id", "item": "parent_asin", "rating": "rating", "timestamp": "timestamp"}
+
+
+def benchmark_domain(path: Path) -> str:
+    """``Toys_and_Games.train.csv.gz`` -> ``Toys_and_Games``: the file stem without the split
+    part (train / valid / test). A name without a part (``rating_only/<Category>.csv``, same
+    columns) is its stem."""
+    stem = stem_domain(path)
+    head, dot, part = stem.rpartition(".")
+    return head if dot and head and part in _BENCHMARK_PARTS else stem
+
+
+def amazon_2023_benchmark_csv(src: SourceConfig, path: Path) -> FileReader:
+    """The Amazon Reviews 2023 benchmark CSVs (``benchmark/5core/{last_out,timestamp}[_w_his]/
+    <Category>.{train,valid,test}.csv[.gz]``, also ``rating_only/<Category>.csv``).
+
+    Header-driven: the header must name ``user_id``, ``parent_asin``, ``rating`` and
+    ``timestamp`` (ms since the epoch, as in amazon-2023-jsonl), in any order; other columns are
+    carried in the field count only. The ``_w_his`` variants add ``history``, the space-separated
+    parent_asins of the user's earlier items: it is NOT read as events. Every earlier item of the
+    user is a row of the same category's train / valid / test files, so counting the history
+    again would duplicate events; ingest all three parts of a category and let the split stage
+    re-derive the split (``split.scheme``). A history field may be quoted (quotes are removed like
+    any field's); it never holds a comma, so the field count stays exact.
+
+    The domain is the category from the file name (``<Category>.<part>.csv[.gz]`` ->
+    ``<Category>``, see :func:`benchmark_domain`) unless ``domain`` / ``domain_regex`` is set.
+    """
+    header = _read_header(path, src.delimiter)
+    missing = [name for name in _BENCHMARK_COLUMNS.values() if name not in header]
+    if missing:
+        raise RawFormatError(f"{path}: line 1: header {header} lacks column(s) {missing}; an Amazon 2023 benchmark "
+                             f"CSV has the header user_id,parent_asin,rating,timestamp[,history]")
+    cols = {key: header.index(name) for key, name in _BENCHMARK_COLUMNS.items()}
+    return FileReader(_csv_rows(cols, len(header), _sql_str(file_domain(src, path)), src.delimiter), skip_lines=1)
+
+
 def abxi_benchmark(src: SourceConfig, path: Path) -> FileReader:
     """ABXI's released sequences: ``uid item|ts item|ts ...`` with JSON id maps
     (ASIN -> [item id, domain index], reviewerID -> uid). Rows come back with raw ids."""
@@ -580,8 +621,9 @@ FORMATS: dict[str, Callable[[SourceConfig, Path], FileReader]] = {
     "ratings-csv-2014": ratings_csv_2014,
     "ratings-csv-2018": ratings_csv_2018,
     "interaction-csv": interaction_csv,
+    "amazon-2023-benchmark-csv": amazon_2023_benchmark_csv,
     "abxi-benchmark": abxi_benchmark,
     "syncrec-seq": syncrec_seq,
     "kuairand-seq": kuairand_seq,
 }
-TIMESTAMP_MS = {"amazon-2023-jsonl"}
+TIMESTAMP_MS = {"amazon-2023-jsonl", "amazon-2023-benchmark-csv"}

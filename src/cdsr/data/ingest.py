@@ -109,7 +109,8 @@ def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
     return out
 
 
-_FILE_DOMAIN_FORMATS = {"amazon-review-json", "amazon-2023-jsonl", "ratings-csv-2014", "ratings-csv-2018", "interaction-csv"}
+_FILE_DOMAIN_FORMATS = {"amazon-review-json", "amazon-2023-jsonl", "ratings-csv-2014", "ratings-csv-2018", "interaction-csv",
+                        "amazon-2023-benchmark-csv"}
 
 
 def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | None, int | None],

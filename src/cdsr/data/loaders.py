@@ -4,12 +4,15 @@ Sequences are held as flat arrays + offsets, and a batch is cut out of them with
 gather (no per-user Python work). Windows are right-aligned: the last column is the most recent
 event, padding (item 0, mask False) is on the left.
 
-Training batch (one example per user; the user's training prefix P = events[0 : n-2]):
+Training batch (one example per user; the user's training prefix P = events[0 : train_end], with
+train_end = n-2 under leave-one-out and the number of events before ``valid_from`` under the
+timestamp scheme, so no validation / test target is ever trained on):
     items, domains, timestamps, mask   [B, L]   inputs   P[:-1]  (last L)
     targets, target_domains,           [B, L]   next events P[1:] (0 where padded)
     target_timestamps
     target_domain                      [B]      domain of the last target
-Evaluation batch (one example per (user, split) target at position t):
+Evaluation batch (one example per target row (user, split, pos=t); leave-one-out has one per user
+and split, the timestamp scheme any number, ordered by (user_idx, pos)):
     items, domains, timestamps, mask   [B, L]   history events[0 : t] (last L)
     target, target_domain, user_idx    [B]
     negatives [B, K], n_negatives [B]           only when a sampled protocol is asked for
@@ -18,6 +21,7 @@ The target item never appears in an input: inputs stop strictly before the targe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +47,12 @@ class SplitData:
     timestamps: np.ndarray  # [E] int64
     offsets: np.ndarray  # [U + 1] int64; user u's events are [offsets[u], offsets[u+1])
     targets: pl.DataFrame  # user_idx, split, pos, item_idx, domain_idx
-    negatives: pl.DataFrame | None  # user_idx, split, negatives, n_negatives
+    # user_idx, split, [pos (timestamp scheme: several targets per user and split),] negatives, n_negatives
+    negatives: pl.DataFrame | None
     domain_ranges: np.ndarray  # [D, 2] first / last item_idx of each domain
     domain_names: list[str]
     # [U] exclusive end (relative to the user's start) of each training prefix; None = n - 2
+    # (leave-one-out); the timestamp scheme: the user's events before valid_from (see load)
     train_end: np.ndarray | None = None
 
     def train_ends(self) -> np.ndarray:
@@ -73,11 +79,18 @@ class SplitData:
 
         users = np.arange(len(lens))
         train_end = remap(self.train_ends(), users)
-        t = self.targets.filter(pl.col("domain_idx") == d)
-        tu = t["user_idx"].to_numpy()
-        t = t.with_columns(pos=pl.Series(remap(t["pos"].to_numpy(), tu)))
+        t0 = self.targets.filter(pl.col("domain_idx") == d)
+        new_pos = pl.Series("pos", remap(t0["pos"].to_numpy(), t0["user_idx"].to_numpy()), dtype=t0.schema["pos"])
+        t = t0.with_columns(new_pos)
         negs = None
-        if self.negatives is not None:
+        if self.negatives is not None and "pos" in self.negatives.columns:
+            # several targets per user: a negatives row is keyed by its target's original pos,
+            # which moves with the target into the subsequence
+            key = t0.select("user_idx", "split", "pos", new_pos.alias("view_pos"))
+            negs = (self.negatives.join(key, on=["user_idx", "split", "pos"], how="inner")
+                    .with_columns(pl.col("view_pos").cast(self.negatives.schema["pos"]).alias("pos"))
+                    .select(self.negatives.columns))
+        elif self.negatives is not None:
             negs = self.negatives.join(t.select("user_idx", "split"), on=["user_idx", "split"], how="semi")
         return SplitData(items=self.items[keep], domains=self.domains[keep], timestamps=self.timestamps[keep],
                          offsets=offsets, targets=t, negatives=negs, domain_ranges=self.domain_ranges,
@@ -99,16 +112,37 @@ class SplitData:
         ranges = (items.group_by("domain_idx").agg(pl.col("item_idx").min().alias("lo"), pl.col("item_idx").max().alias("hi"))
                   .sort("domain_idx"))
         names = items.unique("domain_idx").sort("domain_idx")["domain"].to_list()
+        timestamps = seqs["timestamps"].explode().to_numpy().astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         return cls(
             items=seqs["items"].explode().to_numpy().astype(np.int64),
             domains=seqs["domains"].explode().to_numpy().astype(np.int64),
-            timestamps=seqs["timestamps"].explode().to_numpy().astype(np.int64),
-            offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            timestamps=timestamps,
+            offsets=offsets,
             targets=pl.read_parquet(p / "split.parquet"),
             negatives=negs,
             domain_ranges=np.stack([ranges["lo"].to_numpy(), ranges["hi"].to_numpy()], 1).astype(np.int64),
             domain_names=names,
+            train_end=_scheme_train_ends(p / "split.json", timestamps, offsets),
         )
+
+
+def _scheme_train_ends(meta_path: Path, timestamps: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
+    """[U] training prefix lengths of the split's scheme (split.json): None for leave-one-out
+    (n - 2, :meth:`SplitData.train_ends`), the events before ``valid_from`` for the timestamp
+    scheme. Not derived from the targets: a user whose targets were dropped, or who has none,
+    must still not train on events at or after ``valid_from``."""
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    scheme = meta.get("scheme", "leave-one-out")
+    if scheme == "leave-one-out":
+        return None
+    if scheme == "timestamp":
+        from cdsr.data.split import timestamp_train_ends
+
+        return timestamp_train_ends(timestamps, offsets, int(meta["timestamp_split"]["cutoffs_unix_s"]["valid_from"]))
+    raise ValueError(f"{meta_path}: unknown split scheme {scheme!r}; rebuild the split")
 
 
 def _windows(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +190,8 @@ class EvalDataset(Dataset):
 
     def __init__(self, data: SplitData, split: str, max_len: int, n_negatives: int = 0):
         self.data, self.L = data, max_len
-        t = data.targets.filter(pl.col("split") == split).sort("user_idx")
+        # (user, pos) order: one row per user under leave-one-out, several under the timestamp scheme
+        t = data.targets.filter(pl.col("split") == split).sort("user_idx", "pos")
         if t.height == 0:
             raise ValueError(f"no '{split}' targets in the split")
         self.user = t["user_idx"].to_numpy().astype(np.int64)
@@ -165,8 +200,17 @@ class EvalDataset(Dataset):
         if n_negatives:
             if data.negatives is None:
                 raise ValueError("negatives.parquet is missing: rebuild the split")
-            ng = data.negatives.filter(pl.col("split") == split).sort("user_idx")
-            if not (ng["user_idx"].to_numpy() == self.user).all():
+            ng = data.negatives.filter(pl.col("split") == split)
+            if "pos" in ng.columns:
+                ng = ng.sort("user_idx", "pos")
+                ok = len(ng) == len(t) and (ng["pos"].to_numpy() == self.pos).all()
+            else:
+                if len(self.user) > 1 and (np.diff(self.user) == 0).any():
+                    raise ValueError(f"several '{split}' targets per user but negatives.parquet has no 'pos' column "
+                                     f"to tell them apart: rebuild the split")
+                ng = ng.sort("user_idx")
+                ok = len(ng) == len(t)
+            if not (ok and (ng["user_idx"].to_numpy() == self.user).all()):
                 raise ValueError("negatives do not line up with the targets")
             lists = ng["negatives"]
             k = min(n_negatives, int(lists.list.len().max()))

@@ -1,15 +1,24 @@
-"""Split stage: leave-one-out by time and the fixed sampled negatives (docs/protocols.md "Data split").
+"""Split stage: the split scheme and the fixed sampled negatives (docs/protocols.md "Data split").
 
-For a user with n events (time-ordered), position n-1 is the **test** target, n-2 the
-**validation** target, and positions 1..n-3 are training targets. ``split.parquet`` holds one
-row per (user, split) with the target's position, item and domain; the history of a target is
-the user's events before its position.
+``split.scheme: leave-one-out`` (the default): for a user with n events (time-ordered), position
+n-1 is the **test** target, n-2 the **validation** target, and positions 1..n-3 are training
+targets. ``split.parquet`` holds one row per (user, split).
+
+``split.scheme: timestamp`` (the Amazon Reviews 2023 release's "timestamp" split): two global
+cut-offs; every event at or after ``test_from`` is a test target, every event in
+[``valid_from``, ``test_from``) a validation target, so a user may have several targets per split
+(and ``negatives.parquet`` then carries ``pos`` too). Training uses only events before
+``valid_from`` (:func:`timestamp_train_ends`). See :func:`timestamp_split`.
+
+In both schemes a row of ``split.parquet`` is (user_idx, split, pos, item_idx, domain_idx), and
+the history of a target is the user's events (all domains) before its position ``pos``.
 
 Negatives for the sampled protocols are drawn once, seeded, per (user, split): items of the
 target's domain, uniformly without replacement, never an item of the user's whole sequence.
 One draw of size max(K) in uniformly random order serves all protocols: ``sampled-K`` uses its
 first K entries (a uniform K-subset). Draws are vectorised per domain with Gumbel-top-k (random
-keys, the user's own items keyed out, top-k).
+keys, the user's own items keyed out, top-k). Under the timestamp scheme a draw is made per target
+row (user, split, pos).
 """
 
 from __future__ import annotations
@@ -52,34 +61,113 @@ def leave_one_out(seqs: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(rows).sort("split", "user_idx", descending=[True, False])
 
 
+# The Amazon Reviews 2023 release's timestamp split cut-offs, unix ms (train < t1 <= valid < t2 <=
+# test). Source: github.com/hyp1231/AmazonReviews2023, benchmark_scripts/README.md "rating_only ->
+# timestamp" and benchmark_scripts/timestamp_split.py; chosen there to split all of the release's
+# reviews 8:1:1 and used for every category.
+AMAZON_2023_VALID_FROM_MS = 1628643414042
+AMAZON_2023_TEST_FROM_MS = 1658002729837
+
+
+def timestamp_split(seqs: pl.DataFrame, valid_from: int, test_from: int) -> tuple[pl.DataFrame, dict]:
+    """Rows (user_idx, split, pos, item_idx, domain_idx) of the global timestamp split, and its
+    counts for split.json.
+
+    ``valid_from`` < ``test_from`` are unix seconds (the resolution of ``timestamps``). As in the
+    Amazon Reviews 2023 release (benchmark_scripts/timestamp_split.py of hyp1231/AmazonReviews2023:
+    train (-inf, t1), valid [t1, t2), test [t2, +inf), the same cut-offs for every category; its
+    ``_w_his`` files give each valid / test row the user's items before it):
+
+    - every event with timestamp >= ``test_from`` is a **test** target, every event in
+      [``valid_from``, ``test_from``) a **validation** target: a user has 0..n targets per split;
+    - a target at position ``pos`` is predicted from the user's events 0..pos-1 (all domains),
+      i.e. every earlier event, including earlier validation / test events (the ground truth of
+      earlier targets is revealed, the model's parameters are not updated); events with the same
+      timestamp keep the sequence order (``sequences.tie_break``), so one ordered before the
+      target is in its history, as in the release's history column;
+    - training uses only each user's events before ``valid_from`` (a prefix of the time-ordered
+      sequence, :func:`timestamp_train_ends`);
+    - a user with no event before ``valid_from`` (nothing to train on, a cold-start user) has all
+      of their targets dropped; how many users and targets is recorded in split.json
+      (``dropped_no_training_events``). The release keeps such rows (with an empty or all-future
+      history), so its valid / test row counts exceed ours by exactly those targets.
+
+    Vectorised: one explode of the sequences, no per-user step. Raises SplitError when a split
+    has no target (cut-offs outside the data's time range).
+    """
+    ev = (seqs.select("user_idx", pl.int_ranges(0, pl.col("items").list.len()).alias("pos"),
+                      "items", "domains", "timestamps")
+          .explode("pos", "items", "domains", "timestamps"))
+    n_train = ev.group_by("user_idx").agg((pl.col("timestamps") < valid_from).sum().alias("n_train"))
+    ev = ev.join(n_train, on="user_idx", how="left")
+    later = ev.filter(pl.col("timestamps") >= valid_from).with_columns(
+        split=pl.when(pl.col("timestamps") >= test_from).then(pl.lit("test")).otherwise(pl.lit("valid")))
+    cold = later.filter(pl.col("n_train") == 0)
+    targets = (later.filter(pl.col("n_train") > 0)
+               .select(pl.col("user_idx"), "split", pl.col("pos").cast(pl.Int64),
+                       pl.col("items").cast(pl.Int64).alias("item_idx"),
+                       pl.col("domains").cast(pl.Int64).alias("domain_idx"))
+               .sort(["split", "user_idx", "pos"], descending=[True, False, False]))
+    counts = {sp: int((targets["split"] == sp).sum()) for sp in ("valid", "test")}
+    empty = [sp for sp, c in counts.items() if c == 0]
+    if empty:
+        lo, hi = (int(seqs["timestamps"].list.min().min()), int(seqs["timestamps"].list.max().max())) \
+            if seqs.height else (None, None)
+        raise SplitError(f"timestamp split: no {' / '.join(empty)} target (valid_from {valid_from}, test_from "
+                         f"{test_from} unix s; the events span {lo} .. {hi}): move the cut-offs into the data")
+    info = {
+        "users_with_targets": int(targets["user_idx"].n_unique()),
+        # every event before valid_from: the user only trains
+        "users_without_targets": int(seqs.height - later["user_idx"].n_unique()),
+        "dropped_no_training_events": {
+            "users": int(cold["user_idx"].n_unique()),
+            "targets": {sp: int((cold["split"] == sp).sum()) for sp in ("valid", "test")},
+        },
+    }
+    return targets, info
+
+
+def timestamp_train_ends(timestamps: np.ndarray, offsets: np.ndarray, valid_from: int) -> np.ndarray:
+    """[U] length of each user's training prefix under the timestamp scheme: the number of the
+    user's events before ``valid_from`` (unix s). ``timestamps`` [E] is time-ordered within each
+    user (``offsets`` [U + 1]), so those events are exactly positions 0 .. end-1."""
+    c = np.concatenate([[0], np.cumsum(timestamps < valid_from)]).astype(np.int64)
+    return c[offsets[1:]] - c[offsets[:-1]]
+
+
 def sample_negatives(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFrame, n_neg: int,
-                     seed: int, max_cells: int = 1 << 24) -> pl.DataFrame:
-    """Rows (user_idx, split, negatives: list[int64], n_negatives) for every target row.
+                     seed: int, max_cells: int = 1 << 24, with_pos: bool = False) -> pl.DataFrame:
+    """Rows (user_idx, split[, pos], negatives: list[int64], n_negatives) for every target row.
 
     Deterministic for a seed: domains, splits and users are processed in a fixed order with one
     torch generator. ``max_cells`` bounds the [users x items] key matrix per chunk. The whole
     draw is held in memory: for millions of targets use :func:`write_negatives`, which writes
-    the same rows to a file chunk by chunk.
+    the same rows to a file chunk by chunk. ``with_pos`` (several targets per user and split, as
+    in the timestamp scheme): rows also carry the target's ``pos`` and are ordered by it within a
+    user; without it the leave-one-out file is unchanged byte for byte.
     """
-    out = [chunk for _, _, chunk in _negative_chunks(seqs, targets, items, n_neg, seed, max_cells)]
-    return pl.concat(out).sort("split", "user_idx", descending=[True, False])
+    out = [chunk for _, _, chunk in _negative_chunks(seqs, targets, items, n_neg, seed, max_cells, with_pos)]
+    keys = ["split", "user_idx"] + (["pos"] if with_pos else [])
+    return pl.concat(out).sort(keys, descending=[True] + [False] * (len(keys) - 1))
 
 
 def _negative_chunks(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFrame, n_neg: int, seed: int,
-                     max_cells: int = 1 << 24) -> Iterator[tuple[int, str, pl.DataFrame]]:
+                     max_cells: int = 1 << 24, with_pos: bool = False) -> Iterator[tuple[int, str, pl.DataFrame]]:
     """The draws of :func:`sample_negatives` as (domain_idx, split, rows) chunks, in draw order
-    (domain, then split, then users in user_idx order)."""
+    (domain, then split, then target rows in (user_idx, pos) order)."""
     gen = torch.Generator().manual_seed(seed)
     hist = seqs.select("user_idx", "items")
     ranges = items.group_by("domain_idx").agg(pl.col("item_idx").min().alias("lo"), pl.col("item_idx").max().alias("hi")).sort("domain_idx")
     for d, lo, hi in ranges.iter_rows():
         v = hi - lo + 1
         for split in ("valid", "test"):
-            tg = targets.filter((pl.col("domain_idx") == d) & (pl.col("split") == split)).sort("user_idx")
+            tg = targets.filter((pl.col("domain_idx") == d) & (pl.col("split") == split))
+            tg = tg.sort(["user_idx", "pos"] if with_pos else "user_idx")
             if tg.height == 0:
                 continue
             k = min(n_neg, v - 1)
             users = tg["user_idx"].to_numpy()
+            pos = tg["pos"].to_numpy() if with_pos else None
             # the user's items of domain d, as (row, local item) pairs, grouped by row so a chunk
             # of rows is one slice (the draws do not depend on the pairs' order)
             ex = (tg.select("user_idx").with_row_index("row").join(hist, on="user_idx")
@@ -112,16 +200,19 @@ def _negative_chunks(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFr
                         flat, counts = g_flat, g_counts
                 offsets = np.concatenate([[0], np.cumsum(counts)])
                 lists = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat + lo))
+                cols = {"user_idx": users[s : s + b].astype(np.int64), "split": [split] * b}
+                if pos is not None:
+                    cols["pos"] = pos[s : s + b].astype(np.int64)
                 yield d, split, pl.DataFrame({
-                    "user_idx": users[s : s + b].astype(np.int64),
-                    "split": [split] * b,
+                    **cols,
                     "negatives": pl.from_arrow(lists).cast(pl.List(pl.Int64)),
                     "n_negatives": counts.astype(np.int64),
                 })
 
 
 def write_negatives(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFrame, n_neg: int, seed: int,
-                    path: Path, max_cells: int = 1 << 24, merge_cells: int = 1 << 25) -> np.ndarray:
+                    path: Path, max_cells: int = 1 << 24, merge_cells: int = 1 << 25,
+                    with_pos: bool = False) -> np.ndarray:
     """Write the rows of :func:`sample_negatives` (the same draws, in the same row order) to
     ``path`` with memory bounded in the number of targets; returns every row's n_negatives.
 
@@ -135,7 +226,7 @@ def write_negatives(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFra
     writer: pq.ParquetWriter | None = None
     try:
         runs: dict[tuple[str, int], pq.ParquetWriter] = {}
-        for d, split, chunk in _negative_chunks(seqs, targets, items, n_neg, seed, max_cells):
+        for d, split, chunk in _negative_chunks(seqs, targets, items, n_neg, seed, max_cells, with_pos):
             t = chunk.to_arrow()
             if (split, d) not in runs:
                 runs[(split, d)] = pq.ParquetWriter(tmp / f"{split}-{d}.parquet", t.schema, compression="zstd")
@@ -165,15 +256,18 @@ def write_negatives(seqs: pl.DataFrame, targets: pl.DataFrame, items: pl.DataFra
 
 
 def _merge_by_user(files: list[Path], users_per_step: int) -> Iterator[pa.Table]:
-    """The rows of Parquet files each sorted by user_idx (no user in two files), merged in
-    user_idx order, ``users_per_step`` users per table."""
+    """The rows of Parquet files each sorted by user_idx (then pos, when the rows carry it),
+    merged in that order, ``users_per_step`` users per table. A user may have rows in several
+    files (targets in several domains, timestamp scheme): windows are cut between distinct
+    users, so each window reads all of its users' rows from every file."""
     runs = []
     for f in files:
         pf = pq.ParquetFile(f)
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         users = pf.read(columns=["user_idx"])["user_idx"].to_numpy()
         runs.append((pf, np.concatenate([[0], np.cumsum(sizes)]), users))
-    every = np.sort(np.concatenate([u for _, _, u in runs])) if runs else np.zeros(0, np.int64)
+    # distinct users: with one row per user (leave-one-out) this is the plain sorted list
+    every = np.unique(np.concatenate([u for _, _, u in runs])) if runs else np.zeros(0, np.int64)
     for w in range(0, len(every), users_per_step):
         a, b = every[w], every[min(w + users_per_step, len(every)) - 1] + 1
         parts = []
@@ -186,7 +280,11 @@ def _merge_by_user(files: list[Path], users_per_step: int) -> Iterator[pa.Table]
             part = pf.read_row_groups(list(range(g0, g1 + 1)))
             parts.append(part.slice(i0 - int(starts[g0]), i1 - i0))
         t = pa.concat_tables(parts)
-        yield t.take(pa.array(np.argsort(t["user_idx"].to_numpy(), kind="stable")))
+        if "pos" in t.column_names:
+            order = np.lexsort((t["pos"].to_numpy(), t["user_idx"].to_numpy()))
+        else:
+            order = np.argsort(t["user_idx"].to_numpy(), kind="stable")
+        yield t.take(pa.array(order))
 
 
 def _draw_gumbel(gen: torch.Generator, b: int, v: int, k: int, r_ex: np.ndarray, c_ex: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,22 +350,46 @@ def _merge_rows(flat: np.ndarray, counts: np.ndarray, rows: np.ndarray, new_flat
 STREAM_NEGATIVES_CELLS = 1 << 27
 
 
+def make_targets(seqs: pl.DataFrame, cfg: DatasetConfig) -> tuple[pl.DataFrame, dict]:
+    """The target rows of ``cfg.split.scheme`` and the scheme's own split.json entries
+    (none for leave-one-out, whose split.json is unchanged)."""
+    if cfg.split.scheme == "leave-one-out":
+        return leave_one_out(seqs), {}
+    if cfg.split.scheme == "timestamp":
+        v, t = cfg.split.cutoffs()
+        targets, info = timestamp_split(seqs, v, t)
+        return targets, {
+            "valid_from": cfg.split.valid_from, "test_from": cfg.split.test_from,
+            "cutoff_unit": cfg.split.cutoff_unit,
+            # what the split and SplitData.load (training prefixes) compare the timestamps with
+            "cutoffs_unix_s": {"valid_from": v, "test_from": t},
+            "rule": "test: timestamp >= test_from; valid: valid_from <= timestamp < test_from; training: "
+                    "events before valid_from; history of a target: the user's events before it",
+            **info,
+        }
+    raise SplitError(f"unknown split scheme {cfg.split.scheme!r}")
+
+
 def build_split(seqs: pl.DataFrame, items: pl.DataFrame, cfg: DatasetConfig) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    targets = leave_one_out(seqs)
+    targets, extra = make_targets(seqs, cfg)
     n_max = max(cfg.split.negatives.values()) if cfg.split.negatives else 0
-    negs = sample_negatives(seqs, targets, items, n_max, cfg.split.seed) if n_max else pl.DataFrame()
-    return targets, negs, _meta(cfg, targets, negs["n_negatives"].to_numpy() if n_max else None)
+    with_pos = cfg.split.scheme != "leave-one-out"
+    negs = sample_negatives(seqs, targets, items, n_max, cfg.split.seed, with_pos=with_pos) if n_max else pl.DataFrame()
+    return targets, negs, _meta(cfg, targets, negs["n_negatives"].to_numpy() if n_max else None, extra)
 
 
-def _meta(cfg: DatasetConfig, targets: pl.DataFrame, n_negatives: np.ndarray | None) -> dict:
-    return {
-        "scheme": "leave-one-out",
+def _meta(cfg: DatasetConfig, targets: pl.DataFrame, n_negatives: np.ndarray | None, extra: dict | None = None) -> dict:
+    meta = {
+        "scheme": cfg.split.scheme,
         "seed": cfg.split.seed,
         "protocols": {name: {"negatives": k, "rule": f"first {k} of the stored draw"} for name, k in cfg.split.negatives.items()},
         "targets": {s: int(targets.filter(pl.col("split") == s).height) for s in ("valid", "test")},
         "short_negative_rows": ({name: int((n_negatives < k).sum()) for name, k in cfg.split.negatives.items()}
                                 if n_negatives is not None else {}),
     }
+    if extra:  # leave-one-out: no extra keys, so its split.json stays the same bytes
+        meta["timestamp_split" if cfg.split.scheme == "timestamp" else cfg.split.scheme] = extra
+    return meta
 
 
 def write_split(targets: pl.DataFrame, negs: pl.DataFrame, meta: dict, out_dir: Path) -> None:
@@ -282,13 +404,14 @@ def build_and_write_split(seqs: pl.DataFrame, items: pl.DataFrame, cfg: DatasetC
     ``stream_cells`` negatives are written by :func:`write_negatives` (the same rows, memory
     bounded) rather than drawn in memory."""
     n_max = max(cfg.split.negatives.values()) if cfg.split.negatives else 0
-    targets = leave_one_out(seqs)
+    targets, extra = make_targets(seqs, cfg)
     if not n_max or targets.height * n_max <= stream_cells:
         targets, negs, meta = build_split(seqs, items, cfg)
         write_split(targets, negs, meta, out_dir)
         return meta
-    counts = write_negatives(seqs, targets, items, n_max, cfg.split.seed, out_dir / "negatives.parquet")
-    meta = _meta(cfg, targets, counts)
+    counts = write_negatives(seqs, targets, items, n_max, cfg.split.seed, out_dir / "negatives.parquet",
+                             with_pos=cfg.split.scheme != "leave-one-out")
+    meta = _meta(cfg, targets, counts, extra)
     targets.write_parquet(out_dir / "split.parquet")
     (out_dir / "split.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -231,8 +231,14 @@ def _insert(data: SplitData, hit: np.ndarray, rng: np.random.Generator, lo: np.n
     t_user = data.targets["user_idx"].to_numpy().astype(np.int64)
     t_new = new_at[_target_index(data)] - offsets[t_user]
     targets = data.targets.with_columns(pl.Series("pos", t_new, dtype=data.targets.schema["pos"]))
+    negatives = data.negatives
+    if negatives is not None and "pos" in negatives.columns:
+        # timestamp split: a negatives row is keyed by its target's pos, which moved with it
+        key = data.targets.select("user_idx", "split", "pos", pl.Series("new_pos", t_new, dtype=negatives.schema["pos"]))
+        negatives = (negatives.join(key, on=["user_idx", "split", "pos"], how="left")
+                     .with_columns(pl.col("new_pos").alias("pos")).select(negatives.columns))
     return SplitData(items=items, domains=domains, timestamps=timestamps, offsets=offsets, targets=targets,
-                     negatives=data.negatives, domain_ranges=data.domain_ranges, domain_names=data.domain_names,
+                     negatives=negatives, domain_ranges=data.domain_ranges, domain_names=data.domain_names,
                      train_end=train_end)
 
 

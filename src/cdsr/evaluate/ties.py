@@ -102,7 +102,10 @@ def compare_estimators(run_dir: Path, split: str = "test", k: int = 999, draws: 
     items = pl.read_parquet(processed / "items.parquet")
     per_draw, tied = [], 0
     for r in range(draws):
-        fresh = dataclasses.replace(data, negatives=sample_negatives(seqs, data.targets, items, k, seed + r))
+        # a timestamp split keys its draws by (user, split, pos): several targets per user
+        with_pos = data.negatives is not None and "pos" in data.negatives.columns
+        fresh = dataclasses.replace(data, negatives=sample_negatives(seqs, data.targets, items, k, seed + r,
+                                                                     with_pos=with_pos))
         redrawn = [(name, view, net) for (_, _, net), (name, view) in zip(models, views(fresh, spec.variant))]
         ranks = _ranks(redrawn, split, k, ev)
         per_draw.append(_per_domain(ranks["opt"], ranks["n"], ranks["domain"], names))
