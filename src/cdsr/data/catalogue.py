@@ -6,7 +6,8 @@ One owner: this module. Each release lists its download roots in the order they 
 ``<release>/<path>`` (e.g. ``2023/raw/review_categories/Books.jsonl.gz``): that key names it in
 the lock file (``fetch.lock.json``) and under a private mirror (``<base_url>/<release>/<path>``).
 
-Where the locations come from (checked against public pages and scripts, December 2026):
+Where the locations come from (as public pages and scripts give them, read through a search
+index in December 2026; these machines cannot reach the hosts, so no URL was requested here):
 
 - 2014 ("Image-based recommendations on styles and substitutes", McAuley et al.): first served
   from jmcauley.ucsd.edu/data/amazon/ (retired); the same ``categoryFiles/`` tree is served by
