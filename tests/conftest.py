@@ -46,12 +46,23 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_params(tmp_path) -> Path:
+def write_tiny_params(folder: Path) -> Path:
     """The project's params.yaml with the tiny dataset 't' declared (the CLI takes declared
-    dataset names only), written to a temporary file."""
+    dataset names only), written to ``folder``."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["datasets"]["t"] = TINY
-    path = tmp_path / "params-t.yaml"
+    path = folder / "params-t.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def tiny_params(tmp_path) -> Path:
+    """:func:`write_tiny_params` into the test's temporary folder."""
+    return write_tiny_params(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_params_module(tmp_path_factory) -> Path:
+    """:func:`write_tiny_params`, once for a module's tests that share a run."""
+    return write_tiny_params(tmp_path_factory.mktemp("params"))

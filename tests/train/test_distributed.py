@@ -5,7 +5,7 @@
 - every registered model, the Pareto strategy and the models with auxiliary losses included,
   trains with its replicas bit-identical across ranks (a last global batch of one example leaves
   rank 1 idle: its weight is 0);
-- a kill -9 of rank 1 mid-run: torchrun restarts both processes, they resume from the last
+- a kill -9 of rank 1 or of rank 0 mid-run: torchrun restarts both processes, they resume from the last
   checkpoint, and the run ends exactly where an uninterrupted 2-process run ends;
 - the gradient combination itself, against hand-computed weighted sums.
 """
@@ -102,9 +102,20 @@ def _rank_pid(root_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_is_restarted_and_resumes_exactly(tmp_path, tiny_root, tiny_params):
-    args = ("--set", "train.batch_size=8", "--set", "train.checkpoint_every_steps=3")
-    ref = _train(tiny_root, tiny_params, tmp_path / "ref", "sasrec", 2, *args, epochs=3)
+KILL_ARGS = ("--set", "train.batch_size=8", "--set", "train.checkpoint_every_steps=3")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_root, tiny_params_module):
+    """The 2-process run that a killed and restarted one must end exactly like."""
+    out = tmp_path_factory.mktemp("ddp") / "ref"
+    return out, _train(tiny_root, tiny_params_module, out, "sasrec", 2, *KILL_ARGS, epochs=3)
+
+
+@pytest.mark.parametrize("rank", [1, 0])  # a worker, and the rank that validates and checkpoints
+def test_a_killed_rank_is_restarted_and_resumes_exactly(tmp_path, tiny_root, tiny_params, uninterrupted, rank):
+    ref_dir, ref = uninterrupted
+    args = KILL_ARGS
     run = tmp_path / "run"
     proc = _train(tiny_root, tiny_params, run, "sasrec", 2, *args, "--max-restarts", "1", epochs=3, wait=False)
     try:
@@ -112,7 +123,7 @@ def test_a_killed_rank_is_restarted_and_resumes_exactly(tmp_path, tiny_root, tin
         while not (run / "last.pt").exists():  # the first checkpoint: rank 1 is mid-run
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
             time.sleep(0.01)
-        pid = _rank_pid(proc.pid, 1)
+        pid = _rank_pid(proc.pid, rank)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
@@ -124,9 +135,9 @@ def test_a_killed_rank_is_restarted_and_resumes_exactly(tmp_path, tiny_root, tin
     assert fit["resumes"], "the restarted processes did not resume from the checkpoint"
     got = json.loads((run / "metrics.json").read_text())
     assert got["protocols"] == ref["protocols"]
-    assert _losses(run) == _losses(tmp_path / "ref")  # every step logged once, with the same loss
+    assert _losses(run) == _losses(ref_dir)  # every step logged once, with the same loss
     a = torch.load(run / "best.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "ref" / "best.pt", weights_only=True)["model"]
+    b = torch.load(ref_dir / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
