@@ -47,6 +47,19 @@ def test_good_file_ms_timestamps_and_category(tmp_path):
     assert df["source_line"].to_list() == [2, 3, 4]  # the header is line 1
 
 
+@pytest.mark.parametrize("unit,want", [(None, [1452647, 1454675, 1628643]), ("ms", [1452647, 1454675, 1628643]),
+                                       ("s", [1452647382, 1454675785, 1628643414])])
+def test_a_given_timestamp_unit_wins_over_the_formats_own(tmp_path, unit, want):
+    """ms is the format's own unit; ``timestamp_unit: s`` (a copy of the files converted to
+    seconds) is honoured rather than silently ignored."""
+    p = tmp_path / "Toys_and_Games.train.csv"
+    p.write_text("\n".join([HEADER, "AGK,B006,3.0,1452647382", "AGK,B00T,4.0,1454675785",
+                              "AZZ,B006,5.0,1628643414"]) + "\n")
+    src = {"format": FMT, "path": str(p)} | ({"timestamp_unit": unit} if unit else {})
+    rep, df, q = _run(tmp_path, [src], ingest={"min_timestamp": None})
+    assert q.height == 0 and df["timestamp"].to_list() == want
+
+
 def test_gz_parts_of_two_categories_and_declared_domains(tmp_path):
     """All three parts of a category are one domain; a declared domain list is checked against
     the category, not the file stem."""

@@ -33,8 +33,9 @@ class SourceConfig:
     item_map: str | None = None
     user_map: str | None = None
     domain_names: list[str] = field(default_factory=list)
-    # interaction-csv: seconds (s) or milliseconds (ms) since the epoch
-    timestamp_unit: Literal["s", "ms"] = "s"
+    # seconds (s) or milliseconds (ms) since the epoch; unset: the format's own unit (ms for the
+    # Amazon 2023 formats, formats.TIMESTAMP_MS; s for the others). A value given wins.
+    timestamp_unit: Literal["s", "ms"] | None = None
     delimiter: str = ","
 
     def __post_init__(self) -> None:

@@ -125,7 +125,7 @@ def _checks_sql(inner: str, src: SourceConfig, path: Path, bounds: tuple[int | N
     cast is a ``try_cast`` all the same. Ids holding control characters (NUL, tab, DEL..., also
     from JSON escapes such as \\u0000) are rejected: they print like another id.
     """
-    ms = src.format in TIMESTAMP_MS or src.timestamp_unit == "ms"
+    ms = src.timestamp_unit == "ms" if src.timestamp_unit else src.format in TIMESTAMP_MS
     tsd = "(num / 1000.0)" if ms else "num"
     ctrl = _sql_str(ID_CONTROL_CHARS)
     lo, hi = bounds
