@@ -12,8 +12,8 @@ from ``wait4``, and the peak of the whole process tree sampled with psutil), the
 stage's outputs and the peak disk use under the data root while it ran (spill files included).
 Then the row account (read = kept + quarantined + duplicate) and the sequence statistics.
 
-    .venv/bin/python benchmarks/pipeline_scale.py                 # 50M events (~40 min on 2 cores)
-    .venv/bin/python benchmarks/pipeline_scale.py --events 2000000  # quick check (~2 min)
+    .venv/bin/python benchmarks/pipeline_scale.py                 # 50M events (15 min on 2 idle cores)
+    .venv/bin/python benchmarks/pipeline_scale.py --events 1000000  # quick check (1M events: 29 s)
 
 The raw files are cached in ``--workdir`` (default ``$TMPDIR/cdsr-scale``) under a name holding
 the generator version, the seed and the size, so reruns skip generation; ``--clean`` removes the

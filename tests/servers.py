@@ -150,20 +150,27 @@ def base_env(tmp: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def _http_service(cmd: list[str], env: dict, log: Path, health: str, cwd: Path | None, timeout: float):
+    """A server process started with ``cmd``, ready once ``health`` answers; stopped on exit."""
+    proc = start(cmd, env, log, cwd=cwd)
+    try:
+        wait_http(health, proc, log, timeout)
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
 def prefect_server(tmp: Path, cwd: Path | None = None, timeout: float = 120):
     """``prefect server start`` on 127.0.0.1:<free port> with its own home and sqlite database in
     ``tmp``, no UI, no analytics; yields ``(api_url, log)`` once /health answers; stopped on exit."""
     port = free_port()
     env = {**base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"}
     log = tmp / "server.log"
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                  "--no-ui", "--analytics-off"], env, log, cwd=cwd)
     api = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{api}/health", proc, log, timeout)
+    with _http_service([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                        "--no-ui", "--analytics-off"], env, log, f"{api}/health", cwd, timeout):
         yield api, log
-    finally:
-        stop(proc)
 
 
 def prefect_api(api: str, coro_fn):
@@ -188,15 +195,12 @@ def mlflow_server(tmp: Path, timeout: float = 120):
     worker process. Yields ``(tracking_uri, log)`` once /health answers; stopped on exit."""
     port = free_port()
     log = tmp / "mlflow-server.log"
-    proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                  "--artifacts-destination", str(tmp / "artifacts")], base_env(tmp), log, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, log, timeout)
+    with _http_service([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                        "--artifacts-destination", str(tmp / "artifacts")], base_env(tmp), log, f"{url}/health",
+                       tmp, timeout):
         yield url, log
-    finally:
-        stop(proc)
 
 
 def descendants(pid: int) -> list[int]:

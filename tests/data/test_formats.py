@@ -7,18 +7,10 @@ import json
 
 import polars as pl
 import pytest
-from helpers import make_cfg
+from helpers import ingest_tables, make_cfg
 
 from cdsr.data.formats import RawFormatError, iter_line_chunks, stem_domain
 from cdsr.data.ingest import ingest
-
-
-def _run(tmp_path, sources, **kw):
-    cfg = make_cfg(sources=sources, **kw)
-    rep = ingest(cfg, tmp_path / "out")
-    df = pl.read_parquet(tmp_path / "out" / "interactions.parquet")
-    q = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
-    return rep, df, q
 
 
 def test_review_json_gz(tmp_path):
@@ -29,7 +21,7 @@ def test_review_json_gz(tmp_path):
     p = tmp_path / "Beauty_5.json.gz"
     with gzip.open(p, "wt") as fh:
         fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    rep, df, q = _run(tmp_path, [{"format": "amazon-review-json", "path": str(p), "domain_regex": r"^(?P<domain>.+?)_5\."}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": "amazon-review-json", "path": str(p), "domain_regex": r"^(?P<domain>.+?)_5\."}])
     assert rep["rows_read"] == 2 and rep["rows_kept"] == 2
     assert df["domain"].to_list() == ["Beauty", "Beauty"]
     assert df["timestamp"].to_list() == [1400000000, 1400086400]
@@ -42,7 +34,7 @@ def test_amazon_2023_ms_and_parent_asin(tmp_path):
     p.write_text(
         json.dumps({"user_id": "U1", "asin": "C1", "parent_asin": "P1", "rating": 4, "timestamp": 1588615855070}) + "\n"
         + json.dumps({"user_id": "U2", "asin": "C2", "rating": 2, "timestamp": 1588615855999}) + "\n")
-    _, df, _ = _run(tmp_path, [{"format": "amazon-2023-jsonl", "path": str(p)}])
+    _, df, _ = ingest_tables(tmp_path, [{"format": "amazon-2023-jsonl", "path": str(p)}])
     assert df["item_id"].to_list() == ["P1", "C2"]  # parent_asin, falling back to asin
     assert df["timestamp"].to_list() == [1588615855, 1588615855]
     assert df["domain"].to_list() == ["Books", "Books"]
@@ -53,7 +45,7 @@ def test_ratings_csv_2014_and_2018_column_orders(tmp_path):
     a.write_text("U1,I1,5.0,1400000000\nU2,I2,4.0,1400000001\n")
     b = tmp_path / "Toys.csv"
     b.write_text("I9,U1,1.0,1400000002\r\n")  # CRLF line ends are stripped
-    _, df, _ = _run(tmp_path, [{"format": "ratings-csv-2014", "path": str(a)}, {"format": "ratings-csv-2018", "path": str(b)}])
+    _, df, _ = ingest_tables(tmp_path, [{"format": "ratings-csv-2014", "path": str(a)}, {"format": "ratings-csv-2018", "path": str(b)}])
     assert df.select("user_id", "item_id", "domain").rows() == [("U1", "I1", "Food"), ("U2", "I2", "Food"), ("U1", "I9", "Toys")]
     assert df["ingest_order"].to_list() == [0, 1, 2]
 
@@ -61,7 +53,7 @@ def test_ratings_csv_2014_and_2018_column_orders(tmp_path):
 def test_interaction_csv_header_mapping_and_domain_column(tmp_path):
     p = tmp_path / "all.csv"
     p.write_text("ts,who,what,cat\n1400000000,U1,I1,Food\n1400000001,U1,I2,Kitchen\n")
-    _, df, _ = _run(tmp_path, [{"format": "interaction-csv", "path": str(p),
+    _, df, _ = ingest_tables(tmp_path, [{"format": "interaction-csv", "path": str(p),
                                  "columns": {"user": "who", "item": "what", "timestamp": "ts", "domain": "cat"}}])
     assert df["domain"].to_list() == ["Food", "Kitchen"]
     assert df["source_line"].to_list() == [2, 3]  # line numbers count the header
@@ -71,7 +63,7 @@ def test_interaction_csv_missing_column_is_a_clear_error(tmp_path):
     p = tmp_path / "x.csv"
     p.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(RawFormatError, match=r"x.csv: line 1: .*no column 'reviewerID'"):
-        _run(tmp_path, [{"format": "interaction-csv", "path": str(p), "columns": {"user": "reviewerID", "item": "b", "timestamp": "c"}}])
+        ingest_tables(tmp_path, [{"format": "interaction-csv", "path": str(p), "columns": {"user": "reviewerID", "item": "b", "timestamp": "c"}}])
 
 
 def test_abxi_benchmark_keeps_line_order(tmp_path):
@@ -79,7 +71,7 @@ def test_abxi_benchmark_keeps_line_order(tmp_path):
     (tmp_path / "users.json").write_text(json.dumps({"R0": 0, "R1": 1}))
     seq = tmp_path / "seq.txt"
     seq.write_text("0 3|1400000000 1|1400000000 2|1400000001\n1 2|1400000005 9|1400000006 1|xx 3\n")
-    rep, df, q = _run(tmp_path, [{"format": "abxi-benchmark", "path": str(seq), "item_map": str(tmp_path / "items.json"),
+    rep, df, q = ingest_tables(tmp_path, [{"format": "abxi-benchmark", "path": str(seq), "item_map": str(tmp_path / "items.json"),
                                    "user_map": str(tmp_path / "users.json"), "domain_names": ["Food", "Kitchen"]}],
                       ingest={"duplicates": "keep"})
     assert df.select("user_id", "item_id", "domain", "source_pos").rows() == [
@@ -93,13 +85,13 @@ def test_syncrec_and_kuairand_sequence_formats(tmp_path):
     s.write_text("\tuser_id\titem\ttype\tunix_time\tlist_len\n"
                  "0\tU1\tI1,I2\tBooks,Toys\t1400000000,1400000001\t2\n"
                  "1\tU2\tI3\tBooks,Toys\t1400000000\t1\n")
-    rep, df, q = _run(tmp_path, [{"format": "syncrec-seq", "path": str(s)}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": "syncrec-seq", "path": str(s)}])
     assert df.select("user_id", "item_id", "domain").rows() == [("U1", "I1", "Books"), ("U1", "I2", "Toys")]
     assert q["reason"].to_list() == ["list_length_mismatch"] and q["source_line"].to_list() == [3]
     k = tmp_path / "seqs.tsv.gz"
     with gzip.open(k, "wt") as fh:
         fh.write("split\tseq_id\titems\tdomains\ntraining\t7\t10 11 12\t9 9 4\n")
-    rep, df, _ = _run(tmp_path, [{"format": "kuairand-seq", "path": str(k)}],
+    rep, df, _ = ingest_tables(tmp_path, [{"format": "kuairand-seq", "path": str(k)}],
                       ingest={"min_timestamp": None, "max_timestamp": None})
     assert df.select("user_id", "item_id", "domain", "timestamp").rows() == [("7", "10", "9", 1), ("7", "11", "9", 2), ("7", "12", "4", 3)]
 
@@ -131,7 +123,7 @@ def test_line_chunks_are_exact(tmp_path):
 def test_invalid_utf8_line_is_quarantined(tmp_path):
     p = tmp_path / "D.csv"
     p.write_bytes(b"U1,I1,5.0,1400000000\nU\xff\xfe,I2,5.0,1400000000\n")
-    rep, df, q = _run(tmp_path, [{"format": "ratings-csv-2014", "path": str(p)}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": "ratings-csv-2014", "path": str(p)}])
     assert rep["rows_kept"] == 1 and q["reason"].to_list() == ["invalid_utf8"]
 
 

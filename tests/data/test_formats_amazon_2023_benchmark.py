@@ -8,22 +8,13 @@ import gzip
 
 import polars as pl
 import pytest
-from helpers import make_cfg
+from helpers import ingest_tables
 
 from cdsr.data.formats import RawFormatError, benchmark_domain
-from cdsr.data.ingest import ingest
 
 FMT = "amazon-2023-benchmark-csv"
 HEADER = "user_id,parent_asin,rating,timestamp"
 ROWS = ["AGK,B006,3.0,1452647382000", "AGK,B00T,4.0,1454675785999", "AZZ,B006,5.0,1628643414042"]
-
-
-def _run(tmp_path, sources, **kw):
-    cfg = make_cfg(sources=sources, **kw)
-    rep = ingest(cfg, tmp_path / "out")
-    df = pl.read_parquet(tmp_path / "out" / "interactions.parquet")
-    q = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
-    return rep, df, q
 
 
 @pytest.mark.parametrize("name,domain", [
@@ -38,7 +29,7 @@ def test_benchmark_domain_from_the_file_name(tmp_path, name, domain):
 def test_good_file_ms_timestamps_and_category(tmp_path):
     p = tmp_path / "Toys_and_Games.train.csv"
     p.write_text("\n".join([HEADER, *ROWS]) + "\n")
-    rep, df, q = _run(tmp_path, [{"format": FMT, "path": str(p)}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": FMT, "path": str(p)}])
     assert q.height == 0 and rep["rows_read"] == rep["rows_kept"] == 3
     assert df.select("user_id", "item_id", "domain").rows() == [
         ("AGK", "B006", "Toys_and_Games"), ("AGK", "B00T", "Toys_and_Games"), ("AZZ", "B006", "Toys_and_Games")]
@@ -56,7 +47,7 @@ def test_a_given_timestamp_unit_wins_over_the_formats_own(tmp_path, unit, want):
     p.write_text("\n".join([HEADER, "AGK,B006,3.0,1452647382", "AGK,B00T,4.0,1454675785",
                               "AZZ,B006,5.0,1628643414"]) + "\n")
     src = {"format": FMT, "path": str(p)} | ({"timestamp_unit": unit} if unit else {})
-    rep, df, q = _run(tmp_path, [src], ingest={"min_timestamp": None})
+    rep, df, q = ingest_tables(tmp_path, [src], ingest={"min_timestamp": None})
     assert q.height == 0 and df["timestamp"].to_list() == want
 
 
@@ -67,7 +58,7 @@ def test_gz_parts_of_two_categories_and_declared_domains(tmp_path):
                             ("All_Beauty", "valid", ["AGK,C1,1.0,1500000000000"])):
         with gzip.open(tmp_path / f"{cat}.{part}.csv.gz", "wt") as fh:
             fh.write("\n".join([HEADER, *rows]) + "\n")
-    rep, df, q = _run(tmp_path, [{"format": FMT, "path": str(tmp_path / "*.csv.gz")}],
+    rep, df, q = ingest_tables(tmp_path, [{"format": FMT, "path": str(tmp_path / "*.csv.gz")}],
                       domains=["Toys_and_Games", "All_Beauty"])
     assert q.height == 0 and rep["rows_kept"] == 4
     assert sorted(set(df["domain"].to_list())) == ["All_Beauty", "Toys_and_Games"]
@@ -83,7 +74,7 @@ def test_history_column_is_parsed_not_counted(tmp_path):
                  "AGK,B00T,4.0,1454675785000,B006\n"
                  'AGK,B00S,3.0,1454676014000,"B006 B00T"\n'
                  "AGK,B00M,3.0,1471541996000,B006 B00T B00S\n")
-    rep, df, q = _run(tmp_path, [{"format": FMT, "path": str(p)}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": FMT, "path": str(p)}])
     assert q.height == 0 and rep["rows_read"] == rep["rows_kept"] == 4
     assert df["item_id"].to_list() == ["B006", "B00T", "B00S", "B00M"]
     assert df["domain"].unique().to_list() == ["Toys_and_Games"]
@@ -92,7 +83,7 @@ def test_history_column_is_parsed_not_counted(tmp_path):
 def test_columns_found_by_header_name(tmp_path):
     p = tmp_path / "Books.test.csv"
     p.write_text("timestamp,rating,parent_asin,user_id,history\n1500000000000,2.0,P1,U1,\n")
-    _, df, _ = _run(tmp_path, [{"format": FMT, "path": str(p)}])
+    _, df, _ = ingest_tables(tmp_path, [{"format": FMT, "path": str(p)}])
     assert df.select("user_id", "item_id", "timestamp", "rating").rows() == [("U1", "P1", 1500000000, 2.0)]
 
 
@@ -110,7 +101,7 @@ def test_bad_rows_are_quarantined_with_file_line_and_reason(tmp_path):
              ROWS[1]]
     with gzip.open(p, "wt") as fh:
         fh.write("\n".join(lines) + "\n")
-    rep, df, q = _run(tmp_path, [{"format": FMT, "path": str(p)}])
+    rep, df, q = ingest_tables(tmp_path, [{"format": FMT, "path": str(p)}])
     q = q.sort("source_line")
     assert q.select("source_line", "reason").rows() == [
         (3, "empty_user_id"), (4, "non_numeric_timestamp"), (5, "wrong_field_count"), (6, "wrong_field_count"),
@@ -131,13 +122,13 @@ def test_header_without_the_required_columns_names_the_file(tmp_path, first_line
     p = tmp_path / "Toys_and_Games.train.csv"
     p.write_text(first_line + "\n" + ROWS[0] + "\n")
     with pytest.raises(RawFormatError, match=r"Toys_and_Games\.train\.csv: line 1: header .* lacks column"):
-        _run(tmp_path, [{"format": FMT, "path": str(p)}])
+        ingest_tables(tmp_path, [{"format": FMT, "path": str(p)}])
 
 
 def test_chunking_does_not_change_the_result(tmp_path):
     p = tmp_path / "Toys_and_Games.train.csv"
     rows = [f"U{i % 7},I{i},{1 + i % 5}.0,{1500000000000 + 1000 * i},I{i - 1} I{i - 2}" for i in range(300)]
     p.write_text("user_id,parent_asin,rating,timestamp,history\n" + "\n".join(rows) + "\n")
-    ref = _run(tmp_path / "a", [{"format": FMT, "path": str(p)}])[1]
-    small = _run(tmp_path / "b", [{"format": FMT, "path": str(p)}], ingest={"chunk_bytes": 97})[1]
+    ref = ingest_tables(tmp_path / "a", [{"format": FMT, "path": str(p)}])[1]
+    small = ingest_tables(tmp_path / "b", [{"format": FMT, "path": str(p)}], ingest={"chunk_bytes": 97})[1]
     assert ref.height == 300 and ref.equals(small)

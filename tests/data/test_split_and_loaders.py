@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import make_cfg
+from helpers import items_table, make_cfg
 
 from cdsr.data.loaders import EvalDataset, SplitData, TrainDataset, make_loader
 from cdsr.data.split import SplitError, build_split, leave_one_out, sample_negatives
@@ -16,15 +16,6 @@ def _seqs(lists, domains):
     return pl.DataFrame({"user_idx": list(range(len(lists))), "user_id": [f"u{i}" for i in range(len(lists))],
                          "items": lists, "domains": domains,
                          "timestamps": [list(range(len(x))) for x in lists]})
-
-
-def _items(n_per_domain):
-    rows, idx = [], 1
-    for d, n in enumerate(n_per_domain):
-        for _ in range(n):
-            rows.append((idx, f"i{idx}", d, f"D{d}"))
-            idx += 1
-    return pl.DataFrame(rows, schema=["item_idx", "item_id", "domain_idx", "domain"], orient="row")
 
 
 def test_leave_one_out_positions():
@@ -42,7 +33,7 @@ def test_negatives_valid_deterministic_and_uniform(n_items, k):
     n_users = 3000
     lists = [sorted(rng.choice(np.arange(1, n_items + 1), size=6, replace=False).tolist()) for _ in range(n_users)]
     seqs = _seqs(lists, [[0] * 6] * n_users)
-    items = _items([n_items])
+    items = items_table([n_items])
     targets = leave_one_out(seqs)
     a = sample_negatives(seqs, targets, items, k, seed=1)
     b = sample_negatives(seqs, targets, items, k, seed=1)
@@ -65,7 +56,7 @@ def test_negatives_valid_deterministic_and_uniform(n_items, k):
 
 def test_negatives_stay_in_the_target_domain_and_short_domains_are_counted():
     seqs = _seqs([[1, 2, 6, 7], [3, 8, 4, 9]], [[0, 0, 1, 1], [0, 1, 0, 1]])
-    items = _items([5, 5])  # domain 0: 1..5, domain 1: 6..10
+    items = items_table([5, 5])  # domain 0: 1..5, domain 1: 6..10
     targets = leave_one_out(seqs)
     negs = sample_negatives(seqs, targets, items, 999, seed=0).join(targets, on=["user_idx", "split"])
     for row in negs.iter_rows(named=True):
@@ -89,7 +80,7 @@ def test_streamed_negatives_equal_the_in_memory_draw(tmp_path, n_items):
     dom = rng.integers(0, 2, size=(n_users, 8))
     lists = [[int(rng.integers(1, n_items + 1)) + d * n_items for d in row] for row in dom]
     seqs = _seqs(lists, dom.tolist())
-    items = _items([n_items, n_items])
+    items = items_table([n_items, n_items])
     targets = leave_one_out(seqs)
     want = sample_negatives(seqs, targets, items, 20, seed=3, max_cells=3000)
     counts = write_negatives(seqs, targets, items, 20, seed=3, path=tmp_path / "n.parquet", max_cells=3000,

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import make_cfg
+from helpers import items_table, make_cfg
 from torch import nn
 
 from cdsr.config import ConfigError
@@ -47,12 +47,7 @@ def _seqs(users=USERS):
 
 
 def _items(n_per_domain=(4, 4)):
-    rows, idx = [], 1
-    for d, n in enumerate(n_per_domain):
-        for _ in range(n):
-            rows.append((idx, f"i{idx}", d, f"D{d}"))
-            idx += 1
-    return pl.DataFrame(rows, schema=["item_idx", "item_id", "domain_idx", "domain"], orient="row")
+    return items_table(n_per_domain)
 
 
 def _cfg(**split):

@@ -107,10 +107,6 @@ class RemoteFile:
     dest: Path
     pin: Pin
 
-    @property
-    def path(self) -> str:
-        return self.key.split("/", 1)[1]
-
 
 @dataclass
 class Options:
@@ -363,20 +359,20 @@ def _progress(name: str, total: int | None, initial: int, opts: Options):
 def fetch_file(f: RemoteFile, lock: Lock | None, opts: Options) -> Result:
     """Put ``f`` in place, verified; see the module docstring for the behaviour."""
     f.dest.parent.mkdir(parents=True, exist_ok=True)
-    if f.dest.exists() and _pinned(f.pin):
+    if f.dest.exists():
         d = _Digest(bool(f.pin.md5))
         d.feed_file(f.dest)
-        if not _problems(d, f.pin):
-            return Result(f.key, f.dest, "skipped", d.size, d.sha256.hexdigest())
-        opts.log(f"  {f.dest}: in place but {'; '.join(_problems(d, f.pin))}: downloading it again")
-    elif f.dest.exists():
-        # in place without a pin (fetched before the lock existed, or copied in): pin what is there
-        d = _Digest(bool(f.pin.md5))
-        d.feed_file(f.dest)
-        if lock is not None and d.size > 0:
+        in_place = Result(f.key, f.dest, "skipped", d.size, d.sha256.hexdigest())
+        problems = _problems(d, f.pin)
+        if _pinned(f.pin) and not problems:
+            return in_place
+        if _pinned(f.pin):
+            opts.log(f"  {f.dest}: in place but {'; '.join(problems)}: downloading it again")
+        elif lock is not None and d.size > 0:
+            # in place without a pin (fetched before the lock existed, or copied in): pin what is there
             lock.record(f.key, d.size, d.sha256.hexdigest())
             opts.log(f"  {f.dest}: already in place; pinned size {d.size} and sha256 in {lock.path}")
-            return Result(f.key, f.dest, "skipped", d.size, d.sha256.hexdigest())
+            return in_place
     part = f.dest.with_name(f.dest.name + ".part")
     failures: list[tuple[str, str]] = []
     mismatch = False

@@ -21,6 +21,8 @@ out of the chunk with their exact bytes (the ingest stage quarantines them as ``
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import itertools
 import json
@@ -495,8 +497,8 @@ def amazon_2023_benchmark_csv(src: SourceConfig, path: Path) -> FileReader:
     if missing:
         raise RawFormatError(f"{path}: line 1: header {header} lacks column(s) {missing}; an Amazon 2023 benchmark "
                              f"CSV has the header user_id,parent_asin,rating,timestamp[,history]")
-    cols = {key: header.index(name) for key, name in _BENCHMARK_COLUMNS.items()}
-    return FileReader(_csv_rows(cols, len(header), _sql_str(file_domain(src, path)), src.delimiter), skip_lines=1)
+    # an interaction CSV with fixed column names (the domain still comes from file_domain)
+    return interaction_csv(dataclasses.replace(src, columns=_BENCHMARK_COLUMNS), path)
 
 
 def abxi_benchmark(src: SourceConfig, path: Path) -> FileReader:

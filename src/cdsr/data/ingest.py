@@ -77,6 +77,13 @@ _EXACT_DOUBLE_INT = 2**53  # doubles hold every integer up to here
 NARROW_POLICY_ROWS = 4_000_000
 
 
+def duckdb_connection(cfg: DatasetConfig, temp_dir: str | Path) -> duckdb.DuckDBPyConnection:
+    """The DuckDB connection of the data stages: bounded by ``ingest.memory_limit``, spilling to
+    ``temp_dir`` beyond it, and keeping the order of a single input stream."""
+    return duckdb.connect(config={"temp_directory": str(temp_dir), "memory_limit": cfg.ingest.memory_limit,
+                                  "preserve_insertion_order": True})
+
+
 def resolve_sources(cfg: DatasetConfig) -> list[tuple[SourceConfig, Path]]:
     """Expand each source's path/glob (sorted, so file order is stable) and check formats."""
     out: list[tuple[SourceConfig, Path]] = []
@@ -188,8 +195,7 @@ def ingest(cfg: DatasetConfig, out_dir: Path) -> dict:
     try:
         # settings are bound values, not SQL text; a bounded memory limit makes DuckDB spill the
         # whole-file policy pass to disk, so peak memory stays flat in the file size
-        con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": cfg.ingest.memory_limit,
-                                     "preserve_insertion_order": True})
+        con = duckdb_connection(cfg, tmp)
         cand_path = tmp / "candidates.parquet"
         qpath = tmp / "quarantine_rows.parquet"
         per_file = []

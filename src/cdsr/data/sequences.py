@@ -20,12 +20,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import pyarrow as pa
 
 from cdsr.data.config import DatasetConfig, FilterStep
 from cdsr.data.formats import _sql_str
+from cdsr.data.ingest import duckdb_connection
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def _encode_events(interactions: pl.DataFrame | str | Path, cfg: DatasetConfig,
     the tie-break; the ids of the user codes and item codes; the sorted domains seen). A code
     is the rank of the id in byte order, the order polars sorts strings in.
     """
-    con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": cfg.ingest.memory_limit,
-                                 "preserve_insertion_order": True})
+    con = duckdb_connection(cfg, tmp)
     try:
         cols = "user_id, item_id, domain, timestamp, ingest_order"
         if isinstance(interactions, pl.DataFrame):

@@ -371,11 +371,20 @@ def make_targets(seqs: pl.DataFrame, cfg: DatasetConfig) -> tuple[pl.DataFrame, 
 
 
 def build_split(seqs: pl.DataFrame, items: pl.DataFrame, cfg: DatasetConfig) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    targets, extra = make_targets(seqs, cfg)
-    n_max = max(cfg.split.negatives.values()) if cfg.split.negatives else 0
+    return _with_negatives(seqs, items, cfg, *make_targets(seqs, cfg))
+
+
+def _with_negatives(seqs: pl.DataFrame, items: pl.DataFrame, cfg: DatasetConfig, targets: pl.DataFrame,
+                    extra: dict) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """(targets, negatives drawn in memory, split.json) for targets of :func:`make_targets`."""
+    n_max = _max_negatives(cfg)
     with_pos = cfg.split.scheme != "leave-one-out"
     negs = sample_negatives(seqs, targets, items, n_max, cfg.split.seed, with_pos=with_pos) if n_max else pl.DataFrame()
     return targets, negs, _meta(cfg, targets, negs["n_negatives"].to_numpy() if n_max else None, extra)
+
+
+def _max_negatives(cfg: DatasetConfig) -> int:
+    return max(cfg.split.negatives.values()) if cfg.split.negatives else 0
 
 
 def _meta(cfg: DatasetConfig, targets: pl.DataFrame, n_negatives: np.ndarray | None, extra: dict | None = None) -> dict:
@@ -387,8 +396,8 @@ def _meta(cfg: DatasetConfig, targets: pl.DataFrame, n_negatives: np.ndarray | N
         "short_negative_rows": ({name: int((n_negatives < k).sum()) for name, k in cfg.split.negatives.items()}
                                 if n_negatives is not None else {}),
     }
-    if extra:  # leave-one-out: no extra keys, so its split.json stays the same bytes
-        meta["timestamp_split" if cfg.split.scheme == "timestamp" else cfg.split.scheme] = extra
+    if extra:  # the timestamp scheme's entries; leave-one-out has none, so its split.json stays the same bytes
+        meta["timestamp_split"] = extra
     return meta
 
 
@@ -403,10 +412,10 @@ def build_and_write_split(seqs: pl.DataFrame, items: pl.DataFrame, cfg: DatasetC
     """The split stage: :func:`build_split` then :func:`write_split`, except that more than
     ``stream_cells`` negatives are written by :func:`write_negatives` (the same rows, memory
     bounded) rather than drawn in memory."""
-    n_max = max(cfg.split.negatives.values()) if cfg.split.negatives else 0
+    n_max = _max_negatives(cfg)
     targets, extra = make_targets(seqs, cfg)
     if not n_max or targets.height * n_max <= stream_cells:
-        targets, negs, meta = build_split(seqs, items, cfg)
+        targets, negs, meta = _with_negatives(seqs, items, cfg, targets, extra)
         write_split(targets, negs, meta, out_dir)
         return meta
     counts = write_negatives(seqs, targets, items, n_max, cfg.split.seed, out_dir / "negatives.parquet",

@@ -39,6 +39,8 @@ from pandera.errors import SchemaErrors
 from cdsr.data import expectations as gxs
 from cdsr.data import schemas
 from cdsr.data.config import DatasetConfig
+from cdsr.data.formats import _sql_str
+from cdsr.data.ingest import duckdb_connection
 from cdsr.data.timing import write_timing
 
 log = logging.getLogger(__name__)
@@ -350,11 +352,6 @@ class _PanderaTotals:
         return self.results, out
 
 
-def _duckdb(cfg: DatasetConfig, tmp: str) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(config={"temp_directory": tmp, "memory_limit": cfg.ingest.memory_limit,
-                                  "preserve_insertion_order": True})
-
-
 def validate_interactions_file(path: Path, cfg: DatasetConfig, out_dir: Path, timing_file: Path | None = None,
                                batch_rows: int = BATCH_ROWS) -> dict:
     """:func:`validate_interactions` of interactions.parquet, in batches when it has more than
@@ -383,7 +380,7 @@ def validate_interactions_file(path: Path, cfg: DatasetConfig, out_dir: Path, ti
             pandera_totals.add(r, f, batch)
             gx_runner.run("interactions", batch, expectations)
             del batch
-        con = _duckdb(cfg, tmp)
+        con = duckdb_connection(cfg, tmp)
         try:
             gx_overrides, item_domains = _interactions_whole_table(con, path, cfg, pandera_totals)
         finally:
@@ -401,8 +398,6 @@ def _interactions_whole_table(con: duckdb.DuckDBPyConnection, path: Path, cfg: D
     """The cross-row checks of interactions over the whole file (what pandera's unique column
     and table checks and GX's uniqueness expectations do on a whole frame): failing rows are
     every row of a repeated value / duplicate group / multi-domain item, as there."""
-    from cdsr.data.formats import _sql_str
-
     con.execute(f"create view t as select *, file_row_number as row from read_parquet({_sql_str(str(path))}, "
                 "file_row_number = true)")
     overrides: dict[str, dict[str, Any]] = {}
