@@ -135,6 +135,29 @@ def test_eval_history_stops_before_the_target(built):
     assert vb["items"][0][vb["mask"][0]].tolist() == seq[:-2][-10:].tolist()  # neither valid nor test target
 
 
+def test_eval_inputs_cut_to_the_training_window(built):
+    """input_window: train keeps at most as many events as the longest training input, right-
+    aligned in the same window; max_len keeps the window's worth."""
+    from cdsr.evaluate.protocols import EvalConfig, input_events
+
+    longest = int(built.train_ends().max()) - 1
+    L = longest + 3
+    assert input_events(built, EvalConfig(max_len=L)) == L
+    assert input_events(built, EvalConfig(max_len=L, input_window="train")) == longest
+    assert input_events(built, EvalConfig(max_len=longest - 2, input_window="train")) == longest - 2
+    for split in ("valid", "test"):
+        cut = EvalDataset(built, split, max_len=L, max_events=longest)
+        full = EvalDataset(built, split, max_len=L)
+        b, f = cut[list(range(len(cut)))], full[list(range(len(full)))]
+        assert b["items"].shape == f["items"].shape == (len(cut), L)
+        assert int(b["mask"].sum(1).max()) == longest < int(f["mask"].sum(1).max())
+        for r in range(len(cut)):
+            keep = f["items"][r][f["mask"][r]].tolist()[-longest:]
+            assert b["items"][r][b["mask"][r]].tolist() == keep
+            assert b["mask"][r][-len(keep):].all() and not b["mask"][r][:L - len(keep)].any()
+        assert torch.equal(b["target"], f["target"])
+
+
 def test_loader_is_deterministic_for_a_seed(built):
     ds = TrainDataset(built, max_len=8)
     first = [b["user_idx"] for b in make_loader(ds, 16, shuffle=True, seed=3)]

@@ -35,11 +35,12 @@ def _future_changed(b, i):
     return fut
 
 
-@pytest.mark.parametrize("positions", ["first", "last"])
+@pytest.mark.parametrize("extra", [{"positions": "first"}, {"positions": "last"},
+                                   {"positions": "last", "pad_sink": True, "init": "abxi"}])
 @pytest.mark.parametrize("i", [3, 7, 10])
-def test_causality(i, positions):
+def test_causality(i, extra):
     """Items and domains at >= i+1 never change h^x or any stream state at <= i."""
-    m, b = _model(positions=positions), _batch()
+    m, b = _model(**extra), _batch()
     h, S = m.encode(b)
     h2, S2 = m.encode(_future_changed(b, i))
     assert torch.allclose(h[:, : i + 1], h2[:, : i + 1], atol=1e-5)
@@ -114,10 +115,10 @@ def test_last_positions_count_merged_steps_back_from_the_window_end():
     assert torch.equal(o1[v1], torch.tensor([2, 4]))
 
 
-@pytest.mark.parametrize("positions", ["first", "last"])
-def test_last_position_scoring_equals_the_full_encoding(positions):
+@pytest.mark.parametrize("extra", [{"positions": "first"}, {"positions": "last"}, {"pad_sink": True}])
+def test_last_position_scoring_equals_the_full_encoding(extra):
     for vocab, D in ((VOCAB, 2), (VOCAB3, 3)):
-        m, b = _model(vocab=vocab, positions=positions), _batch(D=D)
+        m, b = _model(vocab=vocab, **extra), _batch(D=D)
         b["domains"][2, :] = 0  # a row without any event of the other domains
         b["items"][2, :] = torch.arange(1, 13)
         b["target_domain"][2] = 1  # ... asked for a domain it has no event of: the empty state
@@ -172,3 +173,62 @@ def test_gca_over_abxi_fits_and_measures_orthogonality(tiny_root):
     assert diag["gate_gca0_Books"] == pytest.approx(0.5)  # sigmoid(alpha_init = 0)
     with pytest.raises(ValueError, match="gca_layers"):
         model_config("abxi", {"gca_layers": [2]}, "merged")
+
+
+def test_pad_sink_is_attention_over_the_zero_vectors_themselves():
+    """The sink key (log n on one bias key) equals attending to n literal zero inputs, as ABXI's
+    unmasked padding does; its weight grows with the count and vanishes at 0."""
+    from cdsr.models.layers import MultiHeadAttention, attention_mask
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2, 0.0).eval()
+    torch.nn.init.normal_(mha.qkv.bias, std=0.5)  # non-zero biases: the sink must carry signal
+    x = torch.randn(2, 5, 8)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    x = x * valid[..., None]
+    n = torch.tensor([[3] * 5, [4] * 5])  # zero vectors seen by each query
+    got, _ = mha(x, attention_mask(valid, causal=True), sink=n)
+    for b in range(2):
+        k = int(n[b, 0])
+        ext = torch.cat([torch.zeros(k, 8), x[b]], 0)[None]  # the zeros as real keys, left of the row
+        ok = torch.cat([torch.ones(k, dtype=torch.bool), valid[b]])[None]
+        full = attention_mask(ok, causal=True)
+        full[..., :k] = True  # every query sees every zero vector
+        want, _ = mha(ext, full)
+        rows = valid[b]
+        assert torch.allclose(got[b][rows], want[0, k:][rows], atol=1e-5)
+    none, _ = mha(x, attention_mask(valid, causal=True), sink=torch.zeros(2, 5, dtype=torch.long))
+    plain, _ = mha(x, attention_mask(valid, causal=True))
+    assert torch.allclose(none[valid], plain[valid], atol=1e-6)
+    probs = mha(x, attention_mask(valid, causal=True), need_probs=True, sink=n)[1]
+    assert probs.shape == (2, 2, 5, 6) and torch.allclose(probs.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_pad_sink_counts_the_zero_slots_before_each_query():
+    """Merged stream: its padding; a domain stream: the merged slots at or before the query that
+    are not its domain's events (padding and other domains), never anything later."""
+    m = _model(pad_sink=True, dropout=0.0)
+    seen = []
+    orig = m.attn.forward
+    m.attn.forward = lambda x, mask, need_probs=False, last_only=False, sink=None: (
+        seen.append(sink), orig(x, mask, need_probs, last_only, sink))[1]
+    items = torch.tensor([[0, 0, 3, 40, 5, 41, 42]])
+    b = {"items": items, "domains": (items > 30).long(), "mask": items > 0}
+    m.encode(b)
+    merged, dom0, dom1 = seen
+    assert merged[0, 2:].tolist() == [2, 2, 2, 2, 2]
+    (o0, v0), (o1, v1) = domain_streams(b["domains"], b["mask"], 2)
+    assert dom0[v0].tolist() == [2, 3]  # items 3 (slot 2) and 5 (slot 4): 2 pads, then + item 40
+    assert dom1[v1].tolist() == [3, 4, 4]  # 40 (slot 3), 41, 42: pads + items 3 and 5 before them
+
+
+def test_abxi_init_matches_its_code():
+    torch.manual_seed(0)
+    m = build_model("abxi", model_config("abxi", {**SMALL, "init": "abxi"}, "merged"), VOCAB)
+    assert m.item_emb.weight.abs().max() <= 0.04 and m.pos_emb.weight.abs().max() <= 0.04
+    assert torch.equal(m.item_emb.weight[0], torch.zeros(16))
+    assert m.ffn.w12.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    bound = (6 / (16 + 48)) ** 0.5  # Xavier-uniform on the [3d, d] input projection
+    assert m.attn.qkv.weight.abs().max() <= bound and m.attn.qkv.weight.abs().max() > 0.8 * bound
+    assert torch.equal(m.attn.qkv.bias, torch.zeros(48)) and torch.equal(m.attn.out.bias, torch.zeros(16))
+    assert all(torch.equal(lo.B, torch.zeros_like(lo.B)) for lo in m.dlora)

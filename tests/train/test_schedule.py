@@ -100,3 +100,43 @@ def test_plateau_cuts_the_rate_after_its_patience(tmp_path, data):
             scale *= 0.5
         expect.append(0.05 * scale)
     assert lrs == pytest.approx(expect) and min(lrs) < 0.05
+
+
+def test_epoch_warmup_is_abxis_linear_lr_stepped_per_epoch():
+    """torch's LinearLR(start_factor=1e-5, total_iters=10) stepped once per epoch, as ABXI's code."""
+    c = ScheduleConfig(kind="plateau", warmup_epochs=10, warmup_unit="epoch", warmup_start=1e-5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-5, total_iters=10)
+    for epoch in range(13):
+        for step in range(epoch * 4, epoch * 4 + 4):  # 4 steps per epoch: one rate within an epoch
+            assert lr_multiplier(c, step, 4, 500) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        ref.step()
+    with pytest.raises(ConfigError, match="whole"):
+        from_dict(TrainConfig, {"schedule": {"warmup_epochs": 1.5, "warmup_unit": "epoch"}}, "train")
+    with pytest.raises(ConfigError, match="validate_in_warmup"):
+        from_dict(TrainConfig, {"epochs": 3, "validate_in_warmup": False, "schedule": {"warmup_epochs": 3}}, "train")
+
+
+def _fit_cfg(data, run_dir, **train):
+    set_seed(5)
+    model = build_model("sasrec", model_config("sasrec", SMALL, "merged"),
+                        Vocab.from_ranges(data.domain_ranges, data.domain_names))
+    cfg = TrainConfig(batch_size=32, progress=False, **train)
+    return fit(model, data, cfg, seed=5, run_dir=run_dir, eval_cfg=EvalConfig(protocols=["full"], max_len=20))
+
+
+def test_no_validation_during_warmup_and_ties_count_as_gains(tmp_path, data):
+    sched = ScheduleConfig(warmup_epochs=2, warmup_unit="epoch")
+    res = _fit_cfg(data, tmp_path / "w", epochs=4, lr=0.005, patience=50, validate_in_warmup=False, schedule=sched)
+    assert ["val_selection" in h for h in res.history] == [False, False, True, True]
+    assert [h["lr"] for h in res.history] == pytest.approx([0.005 * 1e-5, 0.005 * (1e-5 + (1 - 1e-5) / 2), 0.005, 0.005])
+    assert res.best_epoch >= 2
+    # lr ~ 0 (no learning): every validation value is the first one again, a tie
+    tiny = dict(epochs=4, lr=1e-30, patience=2)
+    strict = _fit_cfg(data, tmp_path / "s", **tiny)
+    ties = _fit_cfg(data, tmp_path / "t", ties_improve=True, **tiny)
+    vals = {h["val_selection"] for h in strict.history}
+    assert len(vals) == 1
+    assert (strict.best_epoch, strict.epochs_run, strict.stopped_early) == (0, 3, True)
+    assert (ties.best_epoch, ties.epochs_run, ties.stopped_early) == (3, 4, False)

@@ -188,8 +188,10 @@ class TrainDataset(Dataset):
 class EvalDataset(Dataset):
     """One example per (user, split) target; ``n_negatives`` > 0 attaches sampled negatives."""
 
-    def __init__(self, data: SplitData, split: str, max_len: int, n_negatives: int = 0):
+    def __init__(self, data: SplitData, split: str, max_len: int, n_negatives: int = 0, max_events: int | None = None):
         self.data, self.L = data, max_len
+        # at most this many of the history's last events fill the right of the L-wide window
+        self.keep = max_len if max_events is None else max(1, min(max_events, max_len))
         # (user, pos) order: one row per user under leave-one-out, several under the timestamp scheme
         t = data.targets.filter(pl.col("split") == split).sort("user_idx", "pos")
         if t.height == 0:
@@ -229,7 +231,8 @@ class EvalDataset(Dataset):
     def __getitem__(self, index) -> dict[str, torch.Tensor]:
         i = np.asarray(index, dtype=np.int64).reshape(-1)
         d, u, p = self.data, self.user[i], self.pos[i]
-        s, e = d.offsets[u], d.offsets[u] + p
+        e = d.offsets[u] + p
+        s = np.maximum(d.offsets[u], e - self.keep)
         items, mask = _windows(d.items, s, e, self.L)
         doms, _ = _windows(d.domains, s, e, self.L)
         ts, _ = _windows(d.timestamps, s, e, self.L)

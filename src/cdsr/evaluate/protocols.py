@@ -65,6 +65,10 @@ class EvalConfig:
     ks: tuple[int, ...] = KS
     # upper edges of the history-length buckets: (5, 10, 20, 50) -> 1-5, 6-10, 11-20, 21-50, 51+
     buckets: tuple[int, ...] = (5, 10, 20, 50)
+    # the events an evaluation input holds: ``max_len`` (the last max_len events) or ``train``
+    # (at most as many as the longest training input, so that no position a model sees at
+    # evaluation was left untrained: see :func:`input_events`)
+    input_window: Literal["max_len", "train"] = "max_len"
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -74,6 +78,21 @@ class EvalConfig:
             raise ValueError(f"buckets must be strictly increasing positive edges, got {self.buckets}")
         if self.batch_size < 1 or self.max_len < 1:
             raise ValueError("batch_size and max_len must be >= 1")
+        if self.input_window not in ("max_len", "train"):
+            raise ValueError(f"input_window must be max_len or train, not {self.input_window!r}")
+
+
+def input_events(data: SplitData, cfg: EvalConfig) -> int:
+    """The most events an evaluation input holds: ``cfg.max_len``, or under ``input_window:
+    train`` the longest training input of ``data`` (training inputs are a prefix's events but
+    its last, in the same max_len window). Under leave-one-out with sequences cut to 50 events
+    that is 47 where validation inputs hold up to 48 and test inputs 49: a position a model
+    indexes from the window's end would otherwise meet 1-2 rows at evaluation that no training
+    example reached (ABXI's code cuts evaluation inputs to the training length for this)."""
+    if cfg.input_window == "max_len":
+        return cfg.max_len
+    ends = data.train_ends()
+    return int(min(cfg.max_len, max(int(ends.max()) - 1, 1))) if len(ends) else cfg.max_len
 
 
 @dataclass
@@ -145,7 +164,7 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
         raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}")
     proto = PROTOCOLS[protocol]
     device = torch.device(device)
-    ds = EvalDataset(data, split, cfg.max_len, n_negatives=proto.n_negatives)
+    ds = EvalDataset(data, split, cfg.max_len, n_negatives=proto.n_negatives, max_events=input_events(data, cfg))
     v1 = data.n_items + 1
     if proto.sampled:
         _check_negatives(data, ds, proto.n_negatives, protocol)

@@ -31,7 +31,7 @@ import torch
 from cdsr.data.loaders import EvalDataset
 from cdsr.data.split import sample_negatives
 from cdsr.evaluate.metrics import metrics_from_ranks, ranks_sampled
-from cdsr.evaluate.protocols import EvalConfig, _check_negatives
+from cdsr.evaluate.protocols import EvalConfig, _check_negatives, input_events
 
 METRICS = ("HR@5", "HR@10", "NDCG@10", "MRR")
 
@@ -42,7 +42,7 @@ def _ranks(models, split: str, k: int, ev: EvalConfig) -> dict[str, torch.Tensor
     out: dict[str, list[torch.Tensor]] = {"pess": [], "opt": [], "domain": [], "tied": [], "n": []}
     for _, view, net in models:
         dev = next(net.parameters()).device
-        ds = EvalDataset(view, split, ev.max_len, n_negatives=k)
+        ds = EvalDataset(view, split, ev.max_len, n_negatives=k, max_events=input_events(view, ev))
         _check_negatives(view, ds, k, f"sampled-{k}")
         was = net.training
         net.eval()

@@ -35,6 +35,18 @@ NOTE (departures from the paper and its public code):
   domain, then over the batch, and sums the domains (``loss_average: user``); the default
   ``position`` is the mean over all positions, as every other model here. On Food-Kitchen
   validation ``user`` did worse (docs/results.md), so it is an option, not the default.
+- Padding: our attention masks padding keys; ABXI's lets every query attend to the zero
+  vectors of padding, which act as a sink (``pad_sink: true``, computed as one key whose logit
+  carries log of their count). The count is causal: a query of a stream sees the zero slots of
+  the merged window at or before its own merged position (padding and, for a domain stream, the
+  other domains' events). That is ABXI's count in training, where its domain streams sit on the
+  merged timeline; at evaluation ABXI packs a domain's events to the right of a fresh window, so
+  its count there is the window's width minus the domain's events.
+- Initialisation: ``init: abxi`` is ABXI's (``_abxi_init``); ``torch`` keeps torch's defaults.
+- Window: ABXI trims training and evaluation inputs to ``len_max - 3`` = 47 events. With
+  ``max_len: 47`` (the ``abxi-paper`` preset) our windows are that wide, so evaluation inputs
+  are cut to the training length and the sink counts are ABXI's; ``evaluate.input_window:
+  train`` cuts evaluation inputs to the longest training input for any model and window.
 - The SwiGLU hidden size is ``ffn_dim`` (default round(8 d / 3), 683 at d 256, where the
   public code fixes 680).
 
@@ -90,6 +102,13 @@ class ABXIConfig:
     # dropout on the attention probabilities; None: ``dropout`` (ABXI's code has none there)
     attn_dropout: float | None = None
     loss_average: Literal["position", "user"] = "position"
+    # ABXI's padding: queries also attend to the zero vectors of padding (a sink) rather than
+    # masking them (see MultiHeadAttention's ``sink``; counted causally, module docstring)
+    pad_sink: bool = False
+    # "abxi": ABXI's initialisation (Linear normal(0.02) with zero bias, the attention's input
+    # projection Xavier-uniform, embeddings truncated normal(0.02) in +-0.04); "torch": torch's
+    # layer defaults with normal(0.02) embeddings
+    init: Literal["torch", "abxi"] = "torch"
 
     # GCA over ABXI (module docstring): 0 after the embeddings, 1 after the encoder
     gca_layers: tuple[int, ...] = ()
@@ -165,10 +184,32 @@ class ABXI(SeqRecModel):
         ranges = torch.tensor(vocab.domain_ranges, dtype=torch.long)
         self.register_buffer("dom_lo", ranges[:, 0], persistent=False)
         self.register_buffer("dom_size", ranges[:, 1] - ranges[:, 0] + 1, persistent=False)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        if cfg.init == "abxi":
+            self._abxi_init()
+        else:
+            nn.init.normal_(self.item_emb.weight, std=0.02)
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+
+    def _abxi_init(self) -> None:
+        """ABXI's ``init_weights`` (models/utils/initialization.py of its code): every Linear
+        normal(0, 0.02) with zero bias, except the attention's input projection, which torch's
+        ``nn.MultiheadAttention`` initialises Xavier-uniform (bias zero); embeddings truncated
+        normal(0.02) cut at +-0.04; LayerNorms (1, 0); LoRA as built (A normal(0.02), B zero).
+        GCA modules keep their own initialisation."""
+        for name, mod in self.named_modules():
+            if name.startswith("gca"):
+                continue
+            if isinstance(mod, nn.Linear):
+                if mod is self.attn.qkv:
+                    nn.init.xavier_uniform_(mod.weight)
+                else:
+                    nn.init.normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.trunc_normal_(mod.weight, std=0.02, a=-0.04, b=0.04)
 
     def _embed(self, items: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor | None = None,
                window: int = 0) -> torch.Tensor:
@@ -185,11 +226,17 @@ class ABXI(SeqRecModel):
             pos = L - 1 - (torch.arange(L, device=items.device).expand_as(items) if slots is None else slots)
         return self.drop(self.item_emb(items) + self.pos_emb(pos)) * valid[..., None]
 
-    def _block(self, x: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False,
+               slots: torch.Tensor | None = None) -> torch.Tensor:
         """The shared encoder with stream k's dLoRA: [B, L', d] -> [B, L', d] (``last_only``:
         [B, 1, d], the last position, which scoring needs alone). Causal: position j sees
-        positions <= j of its own stream only."""
-        a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only)
+        positions <= j of its own stream only. ``slots`` [B, L']: a domain stream's merged
+        positions (None: the merged stream), which ``pad_sink`` counts its zero keys from."""
+        sink = None
+        if self.cfg.pad_sink:
+            at = torch.arange(x.shape[1], device=x.device).expand_as(valid) if slots is None else slots
+            sink = (at + 1 - valid.long().cumsum(1)).clamp_min(0)
+        a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only, sink=sink)
         if last_only:
             x, valid = x[:, -1:], valid[:, -1:]
         h = self.ln_attn(x + self.drop(a)) * valid[..., None]
@@ -207,7 +254,7 @@ class ABXI(SeqRecModel):
 
         xs = cross(0, [self._embed(items.gather(1, o), v, o, items.shape[1]) for o, v in layout])
         last_only = last_only and "1" not in self.gca  # GCA[1] reads every position of the other streams
-        xs = [self._block(x, v, 1 + a, last_only) for a, (x, v) in enumerate(zip(xs, valid))]
+        xs = [self._block(x, v, 1 + a, last_only, o) for a, (x, v, o) in enumerate(zip(xs, valid, midx))]
         return cross(1, xs)
 
     def encode(self, batch: dict[str, torch.Tensor], stats: dict[int, torch.Tensor] | None = None

@@ -77,20 +77,36 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False,
+                sink: torch.Tensor | None = None):
         """x [B, L, d], mask [B, 1, L, L] -> (y [B, L, d], probs [B, h, L, L] or None);
-        ``last_only``: the last position's query only (y [B, 1, d], probs [B, h, 1, L])."""
+        ``last_only``: the last position's query only (y [B, 1, d], probs [B, h, 1, L]).
+
+        ``sink`` [B, L] (long): each query also attends to this many zero input vectors, ABXI's
+        padding (its attention masks no key, and padding enters as zeros). A zero vector's key
+        and value are the projection biases, so n of them are one key b_k with log n added to
+        its logit and value b_v (n = 0: no such key). ``probs`` then has L + 1 columns, the sink
+        first."""
         B, L, d = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
         if last_only:
             q, mask, L = q[:, :, -1:], mask[:, :, -1:], 1
+            sink = None if sink is None else sink[:, -1:]
+        if sink is not None:
+            bk, bv = (b.to(k.dtype).view(1, self.h, 1, self.dk).expand(B, -1, -1, -1)
+                      for b in self.qkv.bias[d:].view(2, d))
+            k, v = torch.cat([bk, k], 2), torch.cat([bv, v], 2)
+            logn = sink.to(torch.float32).log().view(B, 1, L, 1)
+            mask = torch.cat([logn, torch.zeros(mask.shape, device=x.device).masked_fill_(~mask, float("-inf"))], -1)
+            mask = mask.to(q.dtype)
         drop = self.training and self.p > 0
         if not (need_probs or drop):  # the fused kernel; with dropout it falls back to a slower path on the CPU
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             probs = None
         else:
             s = (q @ k.transpose(-2, -1)) / math.sqrt(self.dk)
-            p = s.masked_fill(~mask, float("-inf")).softmax(-1)  # after softmax, before dropout
+            s = s + mask if mask.dtype != torch.bool else s.masked_fill(~mask, float("-inf"))
+            p = s.softmax(-1)  # after softmax, before dropout
             probs = p if need_probs else None
             y = dropout(p, self.p, self.training) @ v
         return self.out(y.transpose(1, 2).reshape(B, L, d)), probs

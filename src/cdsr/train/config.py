@@ -30,8 +30,11 @@ class ParetoConfig:
 class ScheduleConfig:
     """The learning rate over training: ``lr x warm-up x (cosine | plateau)``.
 
-    - ``warmup_epochs``: linear warm-up from lr / steps to lr over this many epochs of steps
-      (ABXI's recipe: 1); 0: none.
+    - ``warmup_epochs``: linear warm-up over this many epochs; 0: none. ``warmup_unit: step``
+      rises per step from lr / steps to lr; ``epoch`` holds one rate per epoch, from
+      ``warmup_start`` x lr in the first epoch up by equal steps, reaching lr after the
+      warm-up (ABXI's ``LinearLR(start_factor=1e-5, total_iters=n_warmup)`` stepped per
+      epoch: its v2.1 recipe warms up for 10 epochs).
     - ``kind``: ``constant``; ``cosine`` (decay to ``min_lr_ratio`` x lr at the last epoch of
       ``train.epochs``, after the warm-up); ``plateau`` (x ``factor`` after ``plateau_patience``
       validations without an improvement of the selection metric, as torch's ReduceLROnPlateau
@@ -42,6 +45,8 @@ class ScheduleConfig:
 
     kind: Literal["constant", "cosine", "plateau"] = "constant"
     warmup_epochs: float = 0.0
+    warmup_unit: Literal["step", "epoch"] = "step"
+    warmup_start: float = 1e-5  # warmup_unit epoch: the first epoch's factor
     min_lr_ratio: float = 0.0
     factor: float = 0.5
     plateau_patience: int = 5
@@ -49,9 +54,11 @@ class ScheduleConfig:
     def __post_init__(self):
         check_choices(self, "train.schedule")
         if not (self.warmup_epochs >= 0 and 0 <= self.min_lr_ratio <= 1 and 0 < self.factor < 1
-                and self.plateau_patience >= 1):
+                and self.plateau_patience >= 1 and 0 < self.warmup_start <= 1):
             raise ConfigError("train.schedule: need warmup_epochs >= 0, 0 <= min_lr_ratio <= 1, 0 < factor < 1, "
-                             "plateau_patience >= 1")
+                             "plateau_patience >= 1, 0 < warmup_start <= 1")
+        if self.warmup_unit == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise ConfigError(f"train.schedule: warmup_unit epoch needs whole warmup_epochs, got {self.warmup_epochs}")
 
     @property
     def trivial(self) -> bool:
@@ -61,7 +68,10 @@ class ScheduleConfig:
 def lr_multiplier(cfg: ScheduleConfig, step: int, steps_per_epoch: int, epochs: int, plateau_scale: float = 1.0) -> float:
     """The factor on the base rate for optimiser step ``step`` (0-based, global)."""
     warm = round(cfg.warmup_epochs * steps_per_epoch)
-    f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if cfg.warmup_unit == "epoch" and warm > 0:
+        f = cfg.warmup_start + (1 - cfg.warmup_start) * min(step // steps_per_epoch / cfg.warmup_epochs, 1.0)
+    else:
+        f = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
     if cfg.kind == "cosine":
         total = max(epochs * steps_per_epoch - warm, 1)
         progress = min(max(step - warm, 0) / total, 1.0)
@@ -86,6 +96,10 @@ class TrainConfig:
     # cdsr.evaluate.protocols.selection_value): overall (pooled targets), sum or mean over domains
     val_aggregate: str = "overall"
     eval_every: int = 1
+    # validate (select, early-stop, plateau) during the warm-up epochs too; ABXI's code does not
+    validate_in_warmup: bool = True
+    # an equal selection value counts as an improvement (ABXI's ``>=``); False: only a larger one
+    ties_improve: bool = False
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints (0: at epoch ends only)
     strategy: str = "standard"  # used unless the model names one (``model.train_strategy``)
     pareto: ParetoConfig = field(default_factory=ParetoConfig)  # the "pareto" strategy (AutoCDSR)
@@ -99,6 +113,9 @@ class TrainConfig:
             raise ConfigError(f"train.val_aggregate must be one of {list(AGGREGATES)}, not {self.val_aggregate!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.eval_every < 1:
             raise ConfigError("train: epochs, batch_size, patience and eval_every must be >= 1")
+        if not self.validate_in_warmup and self.epochs <= self.schedule.warmup_epochs:
+            raise ConfigError(f"train: validate_in_warmup false needs epochs ({self.epochs}) > schedule.warmup_epochs "
+                              f"({self.schedule.warmup_epochs}), or no epoch would be validated")
         if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"train: need lr > 0 and weight_decay >= 0 (finite), got lr={self.lr}, "
                               f"weight_decay={self.weight_decay}")

@@ -193,7 +193,7 @@ class _Session:
         diagnose = getattr(self.model, "epoch_diagnostics", None)  # e.g. GCA's |cos(X, X')| on validation
         if diagnose is not None:
             record.update({f"val_{k}": v for k, v in diagnose(val_data, self.eval_cfg, self.device).items()})
-        if metric > st.best_metric + cfg.min_delta:
+        if metric > st.best_metric + cfg.min_delta or (cfg.ties_improve and metric == st.best_metric + cfg.min_delta):
             st.best_metric, st.best_epoch, st.bad_epochs = metric, epoch, 0
             self.rd.save_best(best_entry(self.model, epoch, metric))
         else:
@@ -208,7 +208,7 @@ class _Session:
 
     def _plateau(self, metric: float) -> None:
         st = self.state
-        if metric > st.plateau_best:
+        if metric > st.plateau_best or (self.cfg.ties_improve and metric == st.plateau_best):
             st.plateau_best, st.plateau_bad = metric, 0
         else:
             st.plateau_bad += 1
@@ -235,8 +235,11 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
     while not s.finished():
         epoch = s.state.epoch
         record = s.train_epoch(epoch, on_step)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        warming = not cfg.validate_in_warmup and epoch < cfg.schedule.warmup_epochs
+        if not warming and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             s.validate(epoch, record, val_data)
+        elif not cfg.schedule.trivial:
+            record["lr"] = s.lr(s.steps_per_epoch, max(s.global_step - 1, 0))
         s.state.history.append(record)
         s.state.epoch, s.state.step = epoch + 1, 0
         s.checkpoint()
