@@ -289,12 +289,15 @@ def train(
     root: Path = ROOT,
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine: runs `torchrun --standalone --nproc-per-node N -m cdsr train ...` (gloo on CPU, NCCL on GPU; README \"Scaling out\")."),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With --nproc: torchrun restarts every process this many times after one dies; they resume from the last checkpoint."),
+    record: Optional[bool] = typer.Option(None, "--record/--no-record", help="Write the finished run's record to the results store (results/<dataset>/<run name>/, kept in git). Default: for runs in runs/ (no --out) only."),
+    results: Optional[Path] = typer.Option(None, "--results", help="The results store (default: results/ beside the params file)."),
 ) -> None:
     """Train a model (or preset) with early stopping, evaluate its best checkpoint on test, write metrics.json.
 
-    Re-running the same command resumes an interrupted run from its checkpoint and skips a finished one."""
+    Re-running the same command resumes an interrupted run from its checkpoint and skips a finished one.
+    The finished run's record goes to the results store (see `cdsr results`)."""
     from cdsr.presets import expand
-    from cdsr.runs import RunDir, RunSpec, apply_overrides
+    from cdsr.runs import RunDir, RunSpec, apply_overrides, run_name
     from cdsr.train import distributed
     from cdsr.train.run import train_spec
 
@@ -304,6 +307,7 @@ def train(
         raise typer.Exit(_torchrun(["train", *args], nproc, max_restarts))
     _progress_log()
     p = _declared(dataset, params)
+    sets_given = list(sets)
     try:
         preset_sets: list[str] = []
         if preset is not None:
@@ -311,20 +315,43 @@ def train(
         elif model is None:
             raise ConfigError("give --model or --preset")
         sets = [*preset_sets, *(_tuned_sets(tuned, dataset) if tuned is not None else []), *sets]
-        base = (preset or model) + ("-tuned" if tuned is not None else "")
-        name = f"{base}-s{seed}" if preset is not None and variant == "merged" else f"{base}-{variant}-s{seed}"
+        name = run_name(preset or model, variant, seed, preset=preset is not None, tuned=tuned is not None)
+        record = out is None if record is None else record
         out = out or Path("runs") / dataset / name
         spec = RunSpec.build(apply_overrides(p, model, sets), dataset, model, variant, seed, epochs, root)
-        m = train_spec(spec, RunDir(out)).to_json()
+        metrics = train_spec(spec, RunDir(out))
+        m = metrics.to_json()
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
         _fail(str(exc))
     if not distributed.from_env().main:
         return
+    if record:
+        import shlex
+
+        command = "cdsr train " + shlex.join(_cli_args(dataset=dataset, model=model if preset is None else None,
+                                                       preset=preset, variant=None if variant == "merged" else variant,
+                                                       epochs=epochs, seed=seed, set=sets_given, tuned=tuned))
+        _record(RunDir(out), metrics, _results_root(results, params), command=command)
     for proto, res in m["protocols"].items():
         dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
                         for d, v in res["domains"].items())
         typer.echo(f"{proto:12s} overall HR@10 {res['overall']['HR@10']:.4f} NDCG@10 {res['overall']['NDCG@10']:.4f} | {dom}")
     typer.echo(f"metrics: {out / 'metrics.json'}")
+
+
+def _results_root(results: Optional[Path], params: Optional[Path]) -> Path:
+    return results if results is not None else (params.parent if params is not None else Path(".")) / "results"
+
+
+def _record(rd, metrics, root: Path, name: Optional[str] = None, status: str = "finished",
+            command: Optional[str] = None) -> None:
+    from cdsr.store import Store, StoreError
+
+    try:
+        rec = Store(root).put(rd, name=name, command=command, metrics=metrics, status=status)
+    except StoreError as exc:
+        _fail(str(exc))
+    typer.echo(f"record: {rec.path} (key {rec.key}, {rec.status})")
 
 
 def _run_json(run: Path, out: Optional[Path], default_name: str, compute) -> tuple[dict, Path]:
@@ -456,7 +483,7 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default reports/<dataset>)."),
     params: Optional[Path] = PARAMS,
     log_mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Also log the report to MLflow."),
-    runs: list[Path] = typer.Option([], "--runs", help="Also a leaderboard of every run directory under these paths (repeatable)."),
+    runs: list[Path] = typer.Option([], "--runs", help="Also a leaderboard of the records / run directories under these paths (repeatable; e.g. --runs results, the results store)."),
     tuned_dir: Path = typer.Option(Path("tuned"), "--tuned-dir", help="Where `cdsr tune` wrote its studies' results."),
 ) -> None:
     """One HTML page (+ PNG plots) comparing the benchmarked methods of a dataset (and, with --runs, the leaderboard)."""
@@ -491,7 +518,7 @@ def report(
 @app.command("leaderboard")
 def leaderboard(
     dataset: str = DATASET,
-    runs: list[Path] = typer.Option([Path("runs")], "--runs", help="Run directories to search for metrics.json (repeatable)."),
+    runs: list[Path] = typer.Option([Path("results")], "--runs", help="The results store and/or run directories to search for records / metrics.json (repeatable; default: the results store)."),
     tuned_dir: Path = typer.Option(Path("tuned"), "--tuned-dir", help="Where `cdsr tune` wrote its studies' results."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown here."),
 ) -> None:
@@ -570,6 +597,118 @@ def analyze_ties(
     res, dest = _run_json(run, out, f"ties-{split}.json", lambda: compare_estimators(run, split, k, draws, seed))
     typer.echo(format_table(res))
     typer.echo(f"written: {dest}")
+
+
+results_app = typer.Typer(help="The results store (results/<dataset>/<run>/, kept in git): finished runs' records, "
+                          "the tables generated from them.", no_args_is_help=True)
+app.add_typer(results_app, name="results")
+RESULTS = typer.Option(Path("results"), "--results", help="The results store.")
+
+
+@results_app.command("add")
+def results_add(
+    run: Path = typer.Option(..., "--run", help="A run directory written by `cdsr train` (runs/<dataset>/<name>)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The record's name (default: the run directory's)."),
+    partial: bool = typer.Option(False, "--partial", help="An unfinished run: score its best checkpoint so far and record it as partial (its trajectory so far included)."),
+    results: Path = RESULTS,
+) -> None:
+    """Write a run's record to the store (a finished run's metrics.json, or with --partial the
+    best checkpoint so far of a run still training)."""
+    from cdsr.runs import RunDir
+    from cdsr.store import StoreError, partial_metrics
+    from cdsr.train.run import load_split
+
+    rd = RunDir(run)
+    if not rd.has_config():
+        _fail(f"{run}: not a run directory (no config.json)")
+    try:
+        if partial:
+            spec = rd.spec()
+            metrics = partial_metrics(rd, load_split(spec.dataset, spec.data_root))
+        elif not rd.has_metrics():
+            raise StoreError(f"{run}: no metrics.json (not finished); --partial records a run still training")
+        else:
+            metrics = rd.metrics()
+    except (StoreError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _record(rd, metrics, results, name, "partial" if partial else "finished")
+
+
+@results_app.command("list")
+def results_list(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="One dataset (default: all)."),
+                 results: Path = RESULTS) -> None:
+    """Every record: name, status (finished / partial; stale when written under older behaviour
+    versions), key, epochs, wall time, precision and CPU."""
+    from cdsr.store import Store
+
+    store = Store(results)
+    names = [dataset] if dataset else sorted(p.name for p in results.glob("*") if p.is_dir())
+    for d in names:
+        for r in store.records(d):
+            hw = r.meta.get("machine") or {}
+            wall = r.meta.get("wall_seconds")
+            typer.echo(f"{d}/{r.name:40s} {r.status + (' STALE' if r.stale else ''):16s} {r.key} "
+                       f"epochs {r.meta.get('epochs')} wall {('%.0f s' % wall) if wall is not None else 'n/a'} "
+                       f"{hw.get('precision', '?')} {hw.get('cpu', '?')}")
+
+
+@results_app.command("docs")
+def results_docs(check: bool = typer.Option(False, "--check", help="Change nothing; exit 1 if a generated table is out of date."),
+                 docs: Path = typer.Option(Path("docs"), "--docs", help="Markdown files (a folder is searched) to regenerate."),
+                 results: Path = RESULTS, tuned_dir: Path = typer.Option(Path("tuned"), "--tuned-dir")) -> None:
+    """Regenerate the tables between `<!-- cdsr:leaderboard ... -->` markers in the docs from the store."""
+    from cdsr.docs_tables import DocsError, render_tree
+
+    try:
+        changed = render_tree(docs, results, tuned_dir, write=not check)
+    except DocsError as exc:
+        _fail(str(exc))
+    for f in changed:
+        typer.echo(f"{'out of date' if check else 'regenerated'}: {f}")
+    if check and changed:
+        raise typer.Exit(1)
+
+
+campaign_app = typer.Typer(help="Campaigns (params.yaml `campaigns:`): lists of runs that skip what the results store "
+                           "holds and resume what runs/ has.", no_args_is_help=True)
+app.add_typer(campaign_app, name="campaign")
+
+
+@campaign_app.command("plan")
+def campaign_plan(name: str = typer.Argument(..., help="A campaign declared in params.yaml."),
+                  params: Optional[Path] = PARAMS, root: Path = ROOT, results: Path = RESULTS,
+                  runs_dir: Path = typer.Option(Path("runs"), "--runs-dir")) -> None:
+    """Each run's state and the campaign's remaining cost, from the measured epoch times in the store."""
+    from cdsr import campaign
+    from cdsr.store import Store
+
+    p = load_params(params)
+    try:
+        camp = campaign.campaign_config(p, name)
+        store = Store(results)
+        runs = campaign.expand(p, camp, runs_dir, root, store)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(campaign.format_plan(campaign.plan(p, camp, runs, store)))
+
+
+@campaign_app.command("run")
+def campaign_run(name: str = typer.Argument(..., help="A campaign declared in params.yaml."),
+                 params: Optional[Path] = PARAMS, root: Path = ROOT, results: Path = RESULTS,
+                 runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
+                 commit: bool = typer.Option(False, "--commit", help="git-commit each record as its run finishes."),
+                 only: list[str] = typer.Option([], "--only", help="Only these run names (repeatable).")) -> None:
+    """Train the campaign's runs that have no current record, one at a time; each record is
+    written (and with --commit committed) as its run finishes. Re-run to continue."""
+    from cdsr import campaign
+    from cdsr.store import Store, StoreError
+
+    _progress_log()
+    try:
+        done = campaign.run(load_params(params), name, Store(results), runs_dir, root, commit, typer.echo, only)
+    except (ConfigError, FileNotFoundError, StoreError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(done)} run(s) trained")
 
 
 study_app = typer.Typer(help="Method studies: a declarative grid of variants, trained over seeds and reported as markdown.",

@@ -1,8 +1,10 @@
 """The leaderboard: every trained configuration of a dataset, over its seeds, beside the best
 published numbers (`cdsr leaderboard`, and the leaderboard section of `cdsr report --runs`).
 
-Sources are run directories (``metrics.json`` written by ``cdsr train`` / the quality and study
-scripts, the benchmark's runs and their robustness retrains) found under the given roots. Runs
+Sources are the results store (``results/``, :mod:`cdsr.store`: the records of finished runs,
+kept in git; the default) and run directories (``metrics.json`` written by ``cdsr train`` /
+the study scripts, the benchmark's runs and their robustness retrains) found under the given
+roots. Runs
 are grouped by their path below the root without the seed suffix (``abxi-fast-s1`` ->
 ``abxi-fast``, ``sasrec/train-noise-substitute-p0.2`` stays itself); a group also has to agree
 on dataset, model and variant, so a name reused for another model is refused rather than
@@ -42,22 +44,47 @@ def seed_stats(xs: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None}
 
 
-def collect(roots: list[Path], dataset: str) -> list[dict[str, Any]]:
-    """The groups of finished runs of ``dataset`` under ``roots`` (see the module docstring)."""
-    found: dict[str, list[tuple[int, RunMetrics]]] = {}
+def collect(roots: list[Path], dataset: str, stale: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The groups of finished runs of ``dataset`` under ``roots`` (see the module docstring).
+
+    A directory holding a results record (:mod:`cdsr.store`) is read as one: named by its record
+    name; a ``partial`` record (an unfinished run's best checkpoint so far) forms a group of its
+    own, marked so; a stale record (older behaviour versions) is never averaged and is appended
+    to ``stale`` instead. The same run found twice (a record and its run directory) counts once,
+    the record winning."""
+    from cdsr.store import RECORD, Record, StoreError
+
+    found: dict[str, dict[int, tuple[RunMetrics, bool]]] = {}
     for root in map(Path, roots):
         for f in sorted(root.rglob("metrics.json")):
+            from_store = (f.parent / RECORD).exists()
             try:
-                m = RunMetrics.read(f)
-            except ResultsError:  # not a run's record (e.g. another tool's metrics.json)
+                if from_store:
+                    rec = Record.read(f.parent)
+                    m = rec.metrics
+                else:
+                    m = RunMetrics.read(f)
+            except (ResultsError, StoreError):  # not a run's record (e.g. another tool's metrics.json)
                 continue
             if m.dataset != dataset:
                 continue
-            rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
+            if from_store:
+                if rec.stale:
+                    if stale is not None:
+                        stale.append({"name": rec.name, "key": rec.key, "behaviour": rec.meta.get("behaviour")})
+                    continue
+                rel = rec.name
+            else:
+                rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
             hit = _SEED.match(rel)
             name, seed = (hit["name"], int(hit["seed"])) if hit else (rel, int(m.seed))
-            found.setdefault(name, []).append((seed, m))
+            if from_store and rec.status != "finished":
+                name += f" (partial: {m.epochs_run} epochs)"
+            runs_of = found.setdefault(name, {})
+            if seed not in runs_of or (from_store and not runs_of[seed][1]):
+                runs_of[seed] = (m, from_store)
     groups = []
+    found = {name: [(seed, m) for seed, (m, _) in by_seed.items()] for name, by_seed in found.items()}
     for name, runs in sorted(found.items()):
         runs.sort(key=lambda r: r[0])
         kinds = {(m.model, m.variant) for _, m in runs}
@@ -102,8 +129,10 @@ def studies(tuned_dir: Path, dataset: str) -> list[dict[str, Any]]:
 
 
 def build(roots: list[Path], dataset: str, tuned_dir: Path = Path("tuned")) -> dict[str, Any]:
-    return {"dataset": dataset, "groups": collect(roots, dataset), "published": PUBLISHED.get(dataset),
-            "studies": studies(tuned_dir, dataset)}
+    stale: list[dict[str, Any]] = []
+    groups = collect(roots, dataset, stale)
+    return {"dataset": dataset, "groups": groups, "published": PUBLISHED.get(dataset),
+            "studies": studies(tuned_dir, dataset), "stale": stale}
 
 
 def _cell(s: dict[str, float | None]) -> str:
@@ -157,26 +186,35 @@ def versus_published(lb: dict[str, Any]) -> dict[str, Any] | None:
     return t
 
 
-def markdown(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: tuple[str, ...] = METRICS) -> str:
+PARTS = ("tables", "versus", "studies", "stale")
+
+
+def markdown(lb: dict[str, Any], protocols: tuple[str, ...] = PROTOCOLS, metrics: tuple[str, ...] = METRICS,
+             parts: tuple[str, ...] = PARTS) -> str:
     """Markdown tables: one per protocol (groups x domain metrics), the groups against the
-    published row (:func:`versus_published`), then the studies."""
+    published row (:func:`versus_published`), then the studies and the stale records; ``parts``
+    picks among these four."""
     out = []
-    for t in tables(lb, protocols, metrics):
+    for t in tables(lb, protocols, metrics) if "tables" in parts else []:
         out += [f"#### {t['protocol']}", "", "| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
         out += ["| " + " | ".join(r) + " |" for r in t["rows"]]
         out.append("")
-    vs = versus_published(lb)
+    vs = versus_published(lb) if "versus" in parts else None
     if vs:
         out += [f"#### Against {lb['published']['name']}, {lb['published']['protocol']} (seed means)", "",
                 "| " + " | ".join(vs["columns"]) + " |", "|" + "---|" * len(vs["columns"])]
         out += ["| " + " | ".join(r) + " |" for r in vs["rows"]]
         out.append("")
-    if lb["studies"]:
+    if lb["studies"] and "studies" in parts:
         out += ["#### Tuning studies", "", "| model | complete | pruned | failed | best value | best trial | wall s |",
                 "|---|---|---|---|---|---|---|"]
         for s in lb["studies"]:
             wall = f"{s['wall_seconds']:.0f}" if s["wall_seconds"] is not None else "n/a"
             out.append(f"| {s['model']} | {s['complete']} | {s['pruned']} | {s['failed']} | {s['best_value']:.4f} | "
                        f"{s['best_trial']} | {wall} |")
+        out.append("")
+    if lb.get("stale") and "stale" in parts:
+        out += ["#### Stale records (written under older behaviour versions; not averaged, rerun to refresh)", ""]
+        out += [f"- {r['name']} (key {r['key']}, behaviour {r['behaviour']})" for r in lb["stale"]]
         out.append("")
     return "\n".join(out) if out else "no finished runs of this dataset found"

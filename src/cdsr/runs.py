@@ -143,6 +143,14 @@ class RunSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def run_name(base: str, variant: str, seed: int, preset: bool = False, tuned: bool = False) -> str:
+    """The name of a run (its directory under ``runs/<dataset>/`` and its record in the results
+    store): ``<preset>[-tuned]-s<seed>`` for a merged preset run, else
+    ``<base>[-tuned]-<variant>-s<seed>``."""
+    base += "-tuned" if tuned else ""
+    return f"{base}-s{seed}" if preset and variant == "merged" else f"{base}-{variant}-s{seed}"
+
+
 def views(data: SplitData, variant: str) -> list[tuple[str | None, SplitData]]:
     """The data each model of a run sees: the whole split (``merged``), or one view per domain."""
     if variant == "merged":

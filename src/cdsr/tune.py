@@ -193,15 +193,37 @@ def _quiet():
         yield
 
 
+JOURNAL = "journal:"
+
+
+def journal_path(url: str, dataset: str, name: str) -> Path:
+    """``journal:`` (the results store's ``results/<dataset>/studies/<name>.journal``) or
+    ``journal:PATH``: an Optuna journal file, which git carries with the store."""
+    rest = url[len(JOURNAL):]
+    if rest:
+        return Path(rest)
+    from cdsr.store import Store
+
+    return Store().journal(dataset, name.replace("/", "_"))
+
+
 def open_study(dataset: str, model: str, cfg: TuneConfig, worker: int = 0, storage: str | None = None):
     import optuna
     from optuna.storages import RDBStorage
 
-    key, retry = _retry_callback()
-    with _quiet():
-        st = RDBStorage(storage_url(storage or cfg.storage), heartbeat_interval=cfg.heartbeat_interval,
-                        grace_period=cfg.grace_period, **{key: retry(max_retry=1)},
-                        engine_kwargs={"connect_args": {"timeout": 60}} if (storage or cfg.storage).startswith("sqlite") else None)
+    url = storage or cfg.storage
+    if url.startswith(JOURNAL):
+        # NOTE: a journal file has no heartbeat: a killed worker's trial stays RUNNING in it (it
+        # is not retried); RDB storages (sqlite, PostgreSQL) fail and retry it
+        from cdsr.store import journal_storage
+
+        st = journal_storage(journal_path(url, dataset, model))
+    else:
+        key, retry = _retry_callback()
+        with _quiet():
+            st = RDBStorage(storage_url(url), heartbeat_interval=cfg.heartbeat_interval,
+                            grace_period=cfg.grace_period, **{key: retry(max_retry=1)},
+                            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     study = optuna.create_study(
         study_name=study_name(dataset, model), storage=st, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed(cfg, worker, 0)),
@@ -430,6 +452,32 @@ def tune(dataset: str, model: str | None, params: dict[str, Any], cfg: TuneConfi
     return best
 
 
+def _fail_orphans(study) -> list[int]:
+    """A journal-file study has no heartbeat: its RUNNING trials whose worker process, on this
+    host, is gone are failed here (and retried by the next trials, which resume their run
+    directory's checkpoint when they draw the same parameters)."""
+    from optuna.storages import JournalStorage
+    from optuna.trial import TrialState
+
+    if not isinstance(study._storage, JournalStorage):
+        return []
+    host, out = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        out.append(t.number)
+    return out
+
+
 def reap(study, experiment_id: str) -> list[str]:
     """Before new trials: fail the study's stale trials (a dead worker's, by their missing
     heartbeat; Optuna queues their retry) and end the MLflow runs that dead workers left RUNNING
@@ -439,6 +487,7 @@ def reap(study, experiment_id: str) -> list[str]:
 
     with _quiet():
         fail_stale_trials(study)
+    _fail_orphans(study)
     dead = {(study.study_name, t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     return tracking.reap_dead_runs(experiment_id, dead)
 

@@ -45,10 +45,39 @@ def load_split(dataset: str, data_root: str | Path = "data") -> SplitData:
     return SplitData.load(processed)
 
 
-def hardware() -> dict[str, Any]:
-    dev = pick_device("auto")
+# CPU flags that decide which kernels (and so which speed and rounding) a run gets
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the flags of :data:`CPU_FLAGS` it has (Linux /proc/cpuinfo;
+    elsewhere the platform's processor string and no flags)."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": name, "cpu_flags": flags}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            flags = [f for f in CPU_FLAGS if f in have]
+            break
+    return {"cpu": name, "cpu_flags": flags}
+
+
+def hardware(train_cfg: Any = None) -> dict[str, Any]:
+    """Where a run computed: device, torch, threads, CPU model and flags, and the precision its
+    training used (``bf16`` under autocast where the device has it, else ``fp32``)."""
+    from cdsr.train.config import TrainConfig, amp_dtype
+
+    dev = pick_device("auto" if train_cfg is None else train_cfg.device)
+    cfg = train_cfg or TrainConfig()
+    amp = amp_dtype(dev) if cfg.amp else None
     info = {"device": dev.type, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+            "machine": platform.machine(), **cpu_info(), "precision": "fp32" if amp is None else str(amp).removeprefix("torch.").replace("bfloat16", "bf16")}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -110,7 +139,7 @@ def score_spec(rd: RunDir, data: SplitData) -> RunMetrics:
     t0 = time.time()
     spec = rd.spec()
     scored = score(rd, spec, data)
-    metrics = RunMetrics.build(spec, scored, rd.read_fit(), time.time() - t0, hardware())
+    metrics = RunMetrics.build(spec, scored, rd.read_fit(), time.time() - t0, hardware(spec.train))
     rd.write_metrics(metrics)
     return metrics
 
