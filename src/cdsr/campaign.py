@@ -69,6 +69,8 @@ class PlannedRun:
     state: str = "missing"  # missing | current | partial | stale | other
     epochs_done: int = 0
     in_progress: bool = False
+    epoch_seconds: float | None = None  # measured so far by the run in progress
+    best_epoch: int = -1
 
 
 def campaign_config(params: dict[str, Any], name: str) -> CampaignConfig:
@@ -105,6 +107,9 @@ def expand(params: dict[str, Any], camp: CampaignConfig, runs_dir: Path, data_ro
             st = rd.last_state() if rd.has_last() else None
             if st is not None:
                 p.epochs_done, p.in_progress = int(st.get("epoch", 0)), True
+                p.best_epoch = int(st.get("best_epoch", -1))
+                if p.epochs_done:
+                    p.epoch_seconds = float(st.get("train_seconds", 0.0)) / p.epochs_done
             out.append(p)
     return out
 
@@ -125,8 +130,8 @@ def _expected_epochs(spec: Any, seen: list[int]) -> int:
 
 def plan(params: dict[str, Any], camp: CampaignConfig, runs: list[PlannedRun], store: Any) -> dict[str, Any]:
     """The campaign's remaining cost from measured epoch times: per run, the seconds per epoch
-    of the store's records of the same model (and, where there are some, of the same run name
-    without its seed), times the epochs still to go."""
+    of the store's records of the same run name without its seed, else of the same model, else
+    of runs of the model in progress, times the epochs still to go."""
     from cdsr.leaderboard import _SEED
 
     recs = store.records(camp.dataset)
@@ -137,8 +142,13 @@ def plan(params: dict[str, Any], camp: CampaignConfig, runs: list[PlannedRun], s
                 and x.status == "finished"]
         model = [x for x in recs if x.config.get("model") == r.spec.model and x.meta.get("epoch_seconds")]
         secs = [float(x.meta["epoch_seconds"]) for x in (same or model) if x.meta.get("epoch_seconds")]
+        if not secs:  # runs of the model still in progress (this one first)
+            secs = [r.epoch_seconds] if r.epoch_seconds else \
+                [x.epoch_seconds for x in runs if x.spec.model == r.spec.model and x.epoch_seconds]
         per_epoch = statistics.median(secs) if secs else None
         expected = _expected_epochs(r.spec, [int(x.meta.get("epochs") or 0) for x in same])
+        if r.in_progress:  # it runs at least until its patience after its best epoch so far
+            expected = max(expected, min(r.spec.train.epochs, max(r.best_epoch, 0) + r.spec.train.patience + 1))
         left = 0 if r.state == "current" else max(expected - r.epochs_done, 1)
         cost = None if per_epoch is None else left * per_epoch
         total += cost or 0.0

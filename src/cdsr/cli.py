@@ -379,11 +379,13 @@ def evaluate(
     exclude_history: Optional[bool] = typer.Option(None, "--exclude-history/--keep-history", help="Remove history items from full-ranking candidates."),
     out: Optional[Path] = typer.Option(None, "--out", help="Metrics JSON to write (default <run>/eval-<split>.json)."),
     set_: list[str] = typer.Option([], "--set", help="An inference-time model setting, e.g. model.t_inf=5 (DPG-Diff's reverse steps); parameters stay as trained."),
+    input_window: Optional[str] = typer.Option(None, "--input-window", help="max_len or train: the events an evaluation input holds (default: the run's evaluate.input_window)."),
 ) -> None:
     """Evaluate a trained run's best checkpoint under named protocols; writes a metrics JSON."""
     from cdsr.train.run import evaluate_run
 
-    m, dest = _run_json(run, out, f"eval-{split}.json", lambda: evaluate_run(run, protocol, split, exclude_history, set_))
+    m, dest = _run_json(run, out, f"eval-{split}.json",
+                        lambda: evaluate_run(run, protocol, split, exclude_history, set_, input_window))
     for proto, res in m["protocols"].items():
         typer.echo(f"{proto:12s} " + " ".join(f"{k} {v:.4f}" for k, v in res["overall"].items() if k != "n"))
     typer.echo(f"metrics: {dest}")

@@ -238,8 +238,12 @@ def fit(model: SeqRecModel, data: SplitData, cfg: TrainConfig, seed: int, run_di
         warming = not cfg.validate_in_warmup and epoch < cfg.schedule.warmup_epochs
         if not warming and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             s.validate(epoch, record, val_data)
-        elif not cfg.schedule.trivial:
-            record["lr"] = s.lr(s.steps_per_epoch, max(s.global_step - 1, 0))
+        else:
+            if not cfg.schedule.trivial:
+                record["lr"] = s.lr(s.steps_per_epoch, max(s.global_step - 1, 0))
+            if s.dist.main:
+                log.info("epoch %d loss %.4f (not validated%s)%s", epoch, record["loss"], ": warm-up" if warming else "",
+                         f" lr {record['lr']:.3g}" if "lr" in record else "")
         s.state.history.append(record)
         s.state.epoch, s.state.step = epoch + 1, 0
         s.checkpoint()

@@ -168,15 +168,17 @@ def train_run(dataset: str, model: str, variant: str, params: dict[str, Any], ou
 
 
 def evaluate_run(run_dir: Path, protocols: list[str], split: str = "test", exclude_history: bool | None = None,
-                 model_sets: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                 model_sets: list[str] | tuple[str, ...] = (), input_window: str | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint(s) under the given protocols (``model_sets``:
-    see :meth:`RunDir.load_models`)."""
+    see :meth:`RunDir.load_models`; ``input_window``: ``evaluate.input_window`` for this
+    evaluation)."""
     rd = RunDir(run_dir)
     spec = rd.spec(model_sets)
     data = load_split(spec.dataset, spec.data_root)
     ev = dataclasses.replace(spec.evaluate, protocols=list(protocols),
-                             exclude_history=spec.evaluate.exclude_history if exclude_history is None else exclude_history)
+                             exclude_history=spec.evaluate.exclude_history if exclude_history is None else exclude_history,
+                             input_window=input_window or spec.evaluate.input_window)
     models = rd.load_models(data, spec=spec)
     return {"dataset": spec.dataset, "model": spec.model, "variant": spec.variant, "split": split,
-            "exclude_history": ev.exclude_history, "model_sets": list(model_sets),
+            "exclude_history": ev.exclude_history, "input_window": ev.input_window, "model_sets": list(model_sets),
             "protocols": {p: summarise(rank_run(models, split, p, ev), data.domain_names, ev) for p in protocols}}
