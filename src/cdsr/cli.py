@@ -305,6 +305,8 @@ def train(
         args = _cli_args(dataset=dataset, model=model, preset=preset, variant=variant, epochs=epochs, seed=seed,
                          out=out, set=sets, tuned=tuned, params=params, root=root)
         raise typer.Exit(_torchrun(["train", *args], nproc, max_restarts))
+    import shlex
+
     _progress_log()
     p = _declared(dataset, params)
     sets_given = list(sets)
@@ -319,6 +321,12 @@ def train(
         record = out is None if record is None else record
         out = out or Path("runs") / dataset / name
         spec = RunSpec.build(apply_overrides(p, model, sets), dataset, model, variant, seed, epochs, root)
+        command = "cdsr train " + shlex.join(_cli_args(dataset=dataset, model=model if preset is None else None,
+                                                       preset=preset, variant=None if variant == "merged" else variant,
+                                                       epochs=epochs, seed=seed, set=sets_given, tuned=tuned,
+                                                       out=None if record else out))
+        if distributed.from_env().main:
+            RunDir(out).write_command(command)
         metrics = train_spec(spec, RunDir(out))
         m = metrics.to_json()
     except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
@@ -326,11 +334,6 @@ def train(
     if not distributed.from_env().main:
         return
     if record:
-        import shlex
-
-        command = "cdsr train " + shlex.join(_cli_args(dataset=dataset, model=model if preset is None else None,
-                                                       preset=preset, variant=None if variant == "merged" else variant,
-                                                       epochs=epochs, seed=seed, set=sets_given, tuned=tuned))
         _record(RunDir(out), metrics, _results_root(results, params), command=command)
     for proto, res in m["protocols"].items():
         dom = "  ".join(f"{d}: HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
@@ -612,6 +615,7 @@ def results_add(
     run: Path = typer.Option(..., "--run", help="A run directory written by `cdsr train` (runs/<dataset>/<name>)."),
     name: Optional[str] = typer.Option(None, "--name", help="The record's name (default: the run directory's)."),
     partial: bool = typer.Option(False, "--partial", help="An unfinished run: score its best checkpoint so far and record it as partial (its trajectory so far included)."),
+    command: Optional[str] = typer.Option(None, "--command", help="The command that trains the run (default: the one its directory records)."),
     results: Path = RESULTS,
 ) -> None:
     """Write a run's record to the store (a finished run's metrics.json, or with --partial the
@@ -633,7 +637,7 @@ def results_add(
             metrics = rd.metrics()
     except (StoreError, FileNotFoundError) as exc:
         _fail(str(exc))
-    _record(rd, metrics, results, name, "partial" if partial else "finished")
+    _record(rd, metrics, results, name, "partial" if partial else "finished", command=command)
 
 
 @results_app.command("list")

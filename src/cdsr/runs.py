@@ -9,6 +9,7 @@
 - ``fit.json``: what training reported per part; ``metrics.json``: the
   :class:`cdsr.evaluate.results.RunMetrics` record (versioned schema).
 - ``robustness.json`` and ``tracking.json``: the benchmark's robustness rows and MLflow run id.
+- ``command.txt``: the command that trains it (``cdsr train`` and campaigns write it).
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class RunDir:
 
     CONFIG, FIT, METRICS, HISTORY, STEPS = "config.json", "fit.json", "metrics.json", "history.json", "steps.csv"
     BEST, LAST, ROBUSTNESS, TRACKING = "best.pt", "last.pt", "robustness.json", "tracking.json"
+    COMMAND = "command.txt"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -253,6 +255,15 @@ class RunDir:
         except (FileExistsError, NotADirectoryError) as exc:
             raise RunDirError(f"{self.path}: cannot be a run directory: {exc}") from exc
         _write_json(self.file(self.CONFIG), config)
+
+    def write_command(self, command: str) -> None:
+        """The command line that trains (and, re-run, resumes) this run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file(self.COMMAND).write_text(command + "\n")
+
+    def command(self) -> str | None:
+        f = self.file(self.COMMAND)
+        return f.read_text().strip() if f.exists() else None
 
     def trained(self) -> bool:
         """Whether any trained state exists (a checkpoint, fit or metrics)."""

@@ -195,7 +195,7 @@ class Store:
         meta = {
             "schema": SCHEMA, "key": identity_key(config, behaviour), "status": status, "behaviour": behaviour,
             "data_version": config.get("data_version"), "seed": config["seed"], "name": name,
-            "command": command or command_line(), "git_commit": git_commit(),
+            "command": command or run_dir.command() or command_line(), "git_commit": git_commit(),
             "wall_seconds": metrics.seconds, "epoch_seconds": _epoch_seconds(metrics), "epochs": metrics.epochs_run,
             "machine": metrics.hardware, "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
