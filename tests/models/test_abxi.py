@@ -210,8 +210,8 @@ def test_pad_sink_counts_the_zero_slots_before_each_query():
     m = _model(pad_sink=True, dropout=0.0)
     seen = []
     orig = m.attn.forward
-    m.attn.forward = lambda x, mask, need_probs=False, last_only=False, sink=None: (
-        seen.append(sink), orig(x, mask, need_probs, last_only, sink))[1]
+    m.attn.forward = lambda x, mask, need_probs=False, last_only=False, sink=None, rows=None: (
+        seen.append(sink), orig(x, mask, need_probs, last_only, sink, rows))[1]
     items = torch.tensor([[0, 0, 3, 40, 5, 41, 42]])
     b = {"items": items, "domains": (items > 30).long(), "mask": items > 0}
     m.encode(b)
@@ -232,3 +232,22 @@ def test_abxi_init_matches_its_code():
     assert m.attn.qkv.weight.abs().max() <= bound and m.attn.qkv.weight.abs().max() > 0.8 * bound
     assert torch.equal(m.attn.qkv.bias, torch.zeros(48)) and torch.equal(m.attn.out.bias, torch.zeros(16))
     assert all(torch.equal(lo.B, torch.zeros_like(lo.B)) for lo in m.dlora)
+
+
+@pytest.mark.parametrize("extra", [{}, {"pad_sink": True, "attn_dropout": 0.0}, {"gca_layers": [0, 1]}])
+def test_the_packed_encoder_computes_the_padded_ones_numbers(extra):
+    """packed (the encoder on valid positions only) = the padded computation: the same loss, the
+    same dropout draws, gradients equal up to float rounding."""
+    name = "abxi_gca" if "gca_layers" in extra else "abxi"
+    out = []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        m = build_model(name, model_config(name, {**SMALL, **extra, "packed": packed}, "merged"), VOCAB).train()
+        torch.manual_seed(3)
+        loss = m.loss(_batch())["loss"]
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in m.parameters()]))
+    (a, ga), (b, gb) = out
+    assert torch.allclose(a, b, rtol=1e-6)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-7)

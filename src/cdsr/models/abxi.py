@@ -72,6 +72,7 @@ from cdsr.models.gca import GCA, validation_orthogonality
 from cdsr.models.layers import (
     Dropout,
     MultiHeadAttention,
+    dropout_rows,
     attention_mask,
     domain_softmax_loss,
     domain_streams,
@@ -109,6 +110,8 @@ class ABXIConfig:
     # projection Xavier-uniform, embeddings truncated normal(0.02) in +-0.04); "torch": torch's
     # layer defaults with normal(0.02) embeddings
     init: Literal["torch", "abxi"] = "torch"
+    # compute the encoder on valid positions only (:meth:`ABXI._packed_block`; same numbers)
+    packed: bool = True
 
     # GCA over ABXI (module docstring): 0 after the embeddings, 1 after the encoder
     gca_layers: tuple[int, ...] = ()
@@ -236,11 +239,28 @@ class ABXI(SeqRecModel):
         if self.cfg.pad_sink:
             at = torch.arange(x.shape[1], device=x.device).expand_as(valid) if slots is None else slots
             sink = (at + 1 - valid.long().cumsum(1)).clamp_min(0)
+        if not last_only and self.cfg.packed:
+            return self._packed_block(x, valid, k, sink)
         a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only, sink=sink)
         if last_only:
             x, valid = x[:, -1:], valid[:, -1:]
         h = self.ln_attn(x + self.drop(a)) * valid[..., None]
         return self.ln_ffn[k](h + self.drop(self.ffn(h)) + self.drop(self.dlora[k](h))) * valid[..., None]
+
+    def _packed_block(self, x: torch.Tensor, valid: torch.Tensor, k: int, sink: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_block` computed on the valid positions only (the projections, FFN, dLoRA and
+        LayerNorms; attention itself needs the padded layout): about half the rows of a merged
+        window and a quarter of a domain stream's are padding. The same numbers, dropout masks
+        included (:func:`dropout_rows`)."""
+        B, L, d = x.shape
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        xv = x.reshape(B * L, d).index_select(0, rows)
+        a, _ = self.attn(xv, attention_mask(valid, causal=True), sink=sink, rows=rows)
+        p, train, shape = self.cfg.dropout, self.training, (B * L, d)
+        h = self.ln_attn(xv + dropout_rows(a, p, train, rows, shape))
+        out = self.ln_ffn[k](h + dropout_rows(self.ffn(h), p, train, rows, shape)
+                             + dropout_rows(self.dlora[k](h), p, train, rows, shape))
+        return out.new_zeros(B * L, d).index_copy(0, rows, out).view(B, L, d)
 
     def _domain_streams(self, items, doms, mask, layout, stats=None, last_only=False) -> list[torch.Tensor]:
         """Per domain a: its encoded stream [B, L_a, d] (``last_only``: [B, 1, d]), with GCA."""

@@ -52,6 +52,16 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return _Dropout.apply(x, p)
 
 
+def dropout_rows(x: torch.Tensor, p: float, training: bool, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`dropout` of the rows ``rows`` of a ``shape`` [R, d] tensor, given packed as x [n, d]
+    (e.g. the valid positions of a padded batch): the mask is drawn for the whole ``shape`` and
+    its rows taken, so the random numbers, and the result, are those of the unpacked tensor's."""
+    if not training or p == 0.0:
+        return x
+    mask = torch.rand(shape, device=x.device).index_select(0, rows).ge_(p).mul_(1.0 / (1.0 - p)).to(x.dtype)
+    return x * mask
+
+
 class Dropout(nn.Module):
     """``nn.Dropout`` with the faster mask of :func:`dropout`."""
 
@@ -78,7 +88,7 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False,
-                sink: torch.Tensor | None = None):
+                sink: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         """x [B, L, d], mask [B, 1, L, L] -> (y [B, L, d], probs [B, h, L, L] or None);
         ``last_only``: the last position's query only (y [B, 1, d], probs [B, h, 1, L]).
 
@@ -86,9 +96,19 @@ class MultiHeadAttention(nn.Module):
         padding (its attention masks no key, and padding enters as zeros). A zero vector's key
         and value are the projection biases, so n of them are one key b_k with log n added to
         its logit and value b_v (n = 0: no such key). ``probs`` then has L + 1 columns, the sink
-        first."""
-        B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
+        first.
+
+        ``rows`` [n]: x is packed, x [n, d] holding rows ``rows`` of the [B * L, d] batch (its valid
+        positions; B, L from ``mask``), and so is y [n, d]. The projections then run on those rows
+        only; the other positions' keys must be masked (their values are zero)."""
+        if rows is None:
+            B, L, d = x.shape
+            qkv = self.qkv(x)
+        else:
+            (B, L), d = (mask.shape[0], mask.shape[-1]), x.shape[-1]
+            packed = self.qkv(x)
+            qkv = packed.new_zeros(B * L, 3 * d).index_copy(0, rows, packed)
+        q, k, v = qkv.view(B, L, 3, self.h, self.dk).permute(2, 0, 3, 1, 4)
         if last_only:
             q, mask, L = q[:, :, -1:], mask[:, :, -1:], 1
             sink = None if sink is None else sink[:, -1:]
@@ -109,6 +129,8 @@ class MultiHeadAttention(nn.Module):
             p = s.softmax(-1)  # after softmax, before dropout
             probs = p if need_probs else None
             y = dropout(p, self.p, self.training) @ v
+        if rows is not None:
+            return self.out(y.transpose(1, 2).reshape(B * L, d).index_select(0, rows)), probs
         return self.out(y.transpose(1, 2).reshape(B, L, d)), probs
 
 
