@@ -21,7 +21,9 @@ For each (model, setting), in a subprocess of its own (so that its peak memory i
 
 The machine's peaks come from 2048^3 GEMMs in float32 and bfloat16 and a 256 MiB copy (memory
 bandwidth), measured before and after the models; the fraction of peak is FLOPs / epoch time /
-peak. Settings: ``params`` (params.yaml's model section, batch ``--batch-size``) and ``large``
+peak; the bytes every op reads and writes are counted in the same first epoch
+(:func:`bytes_counter`), and an epoch's bound is the larger of FLOPs / the GEMM peak of its
+precision and bytes / the copy bandwidth. Settings: ``params`` (params.yaml's model section, batch ``--batch-size``) and ``large``
 (d=256, one layer, 256 sampled negatives per position where the model has a sampled loss, else
 its full softmax). The training precision is the loop's (``train.amp``: bf16 autocast where the
 device has native bf16), shown in the table; ``--set train.amp=false`` times float32.
@@ -92,7 +94,7 @@ def setting_overrides(model: str, setting: str) -> list[str]:
     from cdsr.models.registry import MODELS
 
     fields = {f.name for f in dataclasses.fields(MODELS[model].config)}
-    out = list(LARGE)
+    out = [s for s in LARGE if s.split("=")[0].removeprefix("model.") in fields]  # abxi has no `layers`
     if "loss" in fields:
         out.append("model.loss=sampled")
     if "n_negatives" in fields:
@@ -122,6 +124,49 @@ def sparse_aware_flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping={aten.mm: mm, aten.addmm: addmm})
 
 
+def bytes_counter():
+    """A dispatch mode that adds up the bytes every aten op reads and writes: its tensor inputs
+    and outputs once each (views move nothing and are skipped; a gather reads the rows it
+    returns, not its whole table). A lower bound of the epoch's memory traffic: what did not
+    stay in cache moved at least once."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    gathers = {aten.index_select.default, aten.embedding.default, aten.gather.default, aten.index.Tensor}
+
+    def size(t) -> int:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            return 0
+        try:
+            return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            return t.numel() * t.element_size()
+
+    class Bytes(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if getattr(func, "is_view", False):
+                return out
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            written = sum(size(t) for t in outs)
+            if func in gathers:
+                read = written + sum(size(a) for a in args[1:] if isinstance(a, torch.Tensor))
+            else:
+                seen, read = set(), 0
+                for a in [*args, *(kwargs or {}).values()]:
+                    for t in (a if isinstance(a, (tuple, list)) else [a]):
+                        if isinstance(t, torch.Tensor) and id(t) not in seen:
+                            seen.add(id(t))
+                            read += size(t)
+            Bytes.total += read + written
+            return out
+
+    return Bytes()
+
+
 def child(args: argparse.Namespace) -> dict:
     """One (model, setting): count, time, measure; returns the row."""
     import torch
@@ -140,7 +185,8 @@ def child(args: argparse.Namespace) -> dict:
     except ImportError:  # code from before bf16 on the CPU (for a "before" table): autocast on CUDA only
         def amp_dtype(device):
             return torch.bfloat16 if device.type == "cuda" else None
-    from cdsr.train.run import apply_overrides, load_split
+    from cdsr.runs import apply_overrides
+    from cdsr.train.run import load_split
 
     sets = setting_overrides(args.model, args.setting) + list(args.sets)
     params = apply_overrides(load_params(), args.model, sets)
@@ -217,8 +263,8 @@ def child(args: argparse.Namespace) -> dict:
             steps += 1
         return steps
 
-    counter = sparse_aware_flop_counter()
-    with counter:
+    counter, moved = sparse_aware_flop_counter(), bytes_counter()
+    with counter, moved:
         epoch(0, None)
     flops = counter.get_total_flops()
     timers = dict.fromkeys(("data", "forward", "loss", "backward", "optimiser"), 0.0)
@@ -236,7 +282,7 @@ def child(args: argparse.Namespace) -> dict:
     return {"model": args.model, "setting": args.setting, "overrides": sets, "device": device.type,
             "precision": str(amp).replace("torch.", "") if amp is not None else "float32",
             "threads": torch.get_num_threads(), "users": len(ds), "steps": steps, "batch_size": args.batch_size,
-            "flops": flops, "epoch_s": train_s, "eval_s": eval_s, "peak_mb": peak_mb,
+            "flops": flops, "bytes": type(moved).total, "epoch_s": train_s, "eval_s": eval_s, "peak_mb": peak_mb,
             **{f"{k}_s": v for k, v in timers.items()}}
 
 
@@ -285,23 +331,29 @@ def main() -> None:
             print(f"  {model:18s} {setting:6s} epoch {row['epoch_s']:.1f} s", file=sys.stderr, flush=True)
     after = peaks()
     peak = {k: (before[k] + after[k]) / 2 for k in before}
-    print(f"device {device}, {torch.get_num_threads()} threads; GEMM peak fp32 {peak['fp32']:.0f} GFLOP/s, "
+    from cdsr.train.run import cpu_info
+
+    cpu = cpu_info()
+    print(f"device {device} ({cpu['cpu']}; flags {' '.join(cpu['cpu_flags']) or 'none of note'}), "
+          f"{torch.get_num_threads()} threads; GEMM peak fp32 {peak['fp32']:.0f} GFLOP/s, "
           f"bf16 {peak['bf16']:.0f} GFLOP/s; copy bandwidth {peak['bandwidth']:.1f} GB/s "
           f"(before / after: fp32 {before['fp32']:.0f} / {after['fp32']:.0f}, bf16 {before['bf16']:.0f} / {after['bf16']:.0f})")
-    print(f"dataset {args.dataset}, batch {args.batch_size}; bound = FLOPs / fp32 peak; "
-          "time split: data / forward / loss / backward / optimiser (s)")
-    head = ("| model | setting | precision | TFLOP/epoch | epoch s | bound s | epoch / bound | % fp32 peak | "
-            "% bf16 peak | data / fwd / loss / bwd / opt | eval s | peak MB |")
+    print(f"dataset {args.dataset}, batch {args.batch_size}; bound = max(FLOPs / the GEMM peak of the run's precision, "
+          "bytes moved / copy bandwidth); time split: data / forward / loss / backward / optimiser (s)")
+    head = ("| model | setting | precision | TFLOP/epoch | GB/epoch | epoch s | FLOP bound s | bytes bound s | "
+            "epoch / bound | % of its GEMM peak | data / fwd / loss / bwd / opt | eval s | peak MB |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        tf = r["flops"] / 1e12
-        bound = r["flops"] / (peak["fp32"] * 1e9)
+        gemm = peak["bf16" if r["precision"] == "bfloat16" else "fp32"]
+        flop_bound = r["flops"] / (gemm * 1e9)
+        byte_bound = r.get("bytes", 0) / (peak["bandwidth"] * 1e9)
+        bound = max(flop_bound, byte_bound)
         rate = r["flops"] / r["epoch_s"] / 1e9
         split = " / ".join(f"{r[k + '_s']:.1f}" for k in ("data", "forward", "loss", "backward", "optimiser"))
-        print(f"| {r['model']} | {r['setting']} | {r['precision']} | {tf:.3f} | {r['epoch_s']:.1f} | {bound:.1f} | "
-              f"{r['epoch_s'] / bound:.2f} | {100 * rate / peak['fp32']:.0f}% | {100 * rate / peak['bf16']:.0f}% | "
-              f"{split} | {r['eval_s']:.2f} | {r['peak_mb']:.0f} |")
+        print(f"| {r['model']} | {r['setting']} | {r['precision']} | {r['flops'] / 1e12:.3f} | {r.get('bytes', 0) / 1e9:.1f} | "
+              f"{r['epoch_s']:.1f} | {flop_bound:.1f} | {byte_bound:.1f} | {r['epoch_s'] / bound:.2f} | "
+              f"{100 * rate / gemm:.0f}% | {split} | {r['eval_s']:.2f} | {r['peak_mb']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"peaks": {"before": before, "after": after}, "rows": rows}, indent=1) + "\n")
 
