@@ -241,7 +241,14 @@ class ABXI(SeqRecModel):
             sink = (at + 1 - valid.long().cumsum(1)).clamp_min(0)
         if not last_only and self.cfg.packed:
             return self._packed_block(x, valid, k, sink)
-        a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only, sink=sink)
+        rows = None
+        if last_only and self.cfg.packed:  # keys and values of the valid positions only
+            B, L, d = x.shape
+            rows = valid.reshape(-1).nonzero().squeeze(1)
+            a, _ = self.attn(x.reshape(B * L, d).index_select(0, rows), attention_mask(valid, causal=True),
+                             last_only=True, sink=sink, rows=rows)
+        else:
+            a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only, sink=sink)
         if last_only:
             x, valid = x[:, -1:], valid[:, -1:]
         h = self.ln_attn(x + self.drop(a)) * valid[..., None]

@@ -99,8 +99,9 @@ class MultiHeadAttention(nn.Module):
         first.
 
         ``rows`` [n]: x is packed, x [n, d] holding rows ``rows`` of the [B * L, d] batch (its valid
-        positions; B, L from ``mask``), and so is y [n, d]. The projections then run on those rows
-        only; the other positions' keys must be masked (their values are zero)."""
+        positions; B, L from ``mask``), and so is y [n, d] (``last_only``: y [B, 1, d], the last
+        position must be valid). The projections then run on those rows only; the other
+        positions' keys must be masked (their values are zero)."""
         if rows is None:
             B, L, d = x.shape
             qkv = self.qkv(x)
@@ -129,7 +130,7 @@ class MultiHeadAttention(nn.Module):
             p = s.softmax(-1)  # after softmax, before dropout
             probs = p if need_probs else None
             y = dropout(p, self.p, self.training) @ v
-        if rows is not None:
+        if rows is not None and not last_only:
             return self.out(y.transpose(1, 2).reshape(B * L, d).index_select(0, rows)), probs
         return self.out(y.transpose(1, 2).reshape(B, L, d)), probs
 
