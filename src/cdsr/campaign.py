@@ -122,8 +122,9 @@ def _stored_config(spec: Any) -> dict[str, Any]:
 
 
 def _expected_epochs(spec: Any, seen: list[int]) -> int:
-    """Epochs a run will take: the median of finished runs like it, capped by its budget; without
-    any, its budget capped at 60 (early stopping usually ends a run well before a large cap)."""
+    """Epochs a run will take: the median of finished runs like it (the same name, else the same
+    model), capped by its budget; without any, its budget capped at 60 (early stopping usually
+    ends a run well before a large cap)."""
     cap = spec.train.epochs
     return min(cap, int(statistics.median(seen))) if seen else min(cap, 60)
 
@@ -146,7 +147,8 @@ def plan(params: dict[str, Any], camp: CampaignConfig, runs: list[PlannedRun], s
             secs = [r.epoch_seconds] if r.epoch_seconds else \
                 [x.epoch_seconds for x in runs if x.spec.model == r.spec.model and x.epoch_seconds]
         per_epoch = statistics.median(secs) if secs else None
-        expected = _expected_epochs(r.spec, [int(x.meta.get("epochs") or 0) for x in same])
+        finished = same or [x for x in model if x.status == "finished" and not x.stale]
+        expected = _expected_epochs(r.spec, [int(x.meta.get("epochs") or 0) for x in finished])
         if r.in_progress:  # it runs at least until its patience after its best epoch so far
             expected = max(expected, min(r.spec.train.epochs, max(r.best_epoch, 0) + r.spec.train.patience + 1))
         left = 0 if r.state == "current" else max(expected - r.epochs_done, 1)
