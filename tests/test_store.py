@@ -239,3 +239,29 @@ def test_a_study_in_a_journal_file_resumes_in_another_process(tmp_path):
             for _ in range(2)]
     assert [o.strip() for o in outs] == ["2", "4"]
     assert path.read_text().count("\n") > 4  # plain text lines, git carries them
+
+
+def test_a_dead_workers_trial_in_a_journal_study_is_failed_on_reopen(tmp_path):
+    """A journal file has no heartbeat: a RUNNING trial whose worker process on this host is gone
+    is failed when the study is next used (cdsr.tune._fail_orphans), one of a live process is not."""
+    import optuna
+
+    from cdsr.store import journal_storage
+    from cdsr.tune import _fail_orphans, worker_attrs
+
+    path = tmp_path / "s.journal"
+    script = (
+        "import sys, optuna\n"
+        "from cdsr.store import journal_storage\n"
+        "from cdsr.tune import worker_attrs\n"
+        "s = optuna.create_study(study_name='x', storage=journal_storage(sys.argv[1]), load_if_exists=True)\n"
+        "t = s.ask()\n"
+        "[t.set_user_attr(k, v) for k, v in worker_attrs(0).items()]\n")  # exits with the trial RUNNING
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    study = optuna.load_study(study_name="x", storage=journal_storage(path))
+    mine = study.ask()
+    for k, v in worker_attrs(0).items():
+        mine.set_user_attr(k, v)
+    assert _fail_orphans(study) == [0]
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {0: optuna.trial.TrialState.FAIL, 1: optuna.trial.TrialState.RUNNING}
