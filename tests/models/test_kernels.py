@@ -162,3 +162,27 @@ def test_amp_dtype_follows_the_device():
     cpu = amp_dtype(torch.device("cpu"))
     assert cpu == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None)
     assert amp_dtype(torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shared_negatives_loss_is_the_sampled_loss_with_each_rows_negatives(weighted):
+    """Negatives shared per sequence = the per-position sampled softmax given each position its
+    row's negatives: the same loss and gradients (a negative equal to the positive masked)."""
+    from cdsr.models.layers import sampled_softmax_loss, shared_negatives_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, V, d, R = 5, 40, 8, 12
+    rows = torch.tensor([0, 0, 0, 1, 3, 3, 4, 4, 4, 4])  # row 2 has no position
+    table = torch.randn(V, d, generator=g, requires_grad=True)
+    q = torch.randn(len(rows), d, generator=g, requires_grad=True)
+    pos = torch.randint(1, V, (len(rows),), generator=g)
+    neg = torch.randint(1, V, (B, R), generator=g)
+    neg[0, 3] = pos[1]  # a negative equal to a positive of its row: masked
+    w = torch.rand(len(rows), generator=g) if weighted else None
+    a = shared_negatives_softmax_loss(q, rows, table, pos, neg, 1.3, row_weight=w)
+    ga = torch.autograd.grad(a, (q, table))
+    b = sampled_softmax_loss(q, table, pos, neg[rows], 1.3, row_weight=w)
+    gb = torch.autograd.grad(b, (q, table))
+    assert torch.allclose(a, b, atol=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5)

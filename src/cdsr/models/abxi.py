@@ -19,6 +19,8 @@ NOTE (departures from the paper and its public code):
   D = 2 this is ABXI's layout.
 - Negatives are drawn uniformly from each domain's items; ABXI also excludes the user's
   history items from its negatives. Negatives equal to the target are masked.
+  ``negatives: sequence`` draws them once per training sequence, shared by its positions (a
+  GEMM per sequence instead of a gather per position); ABXI's code draws per position.
 - Where domain t has no event before i, h^t is zero (ABXI's zero-padded aligned slot).
 - Positions: ABXI's code counts each stream's positions back from its last event (the last
   event gets index 1). ``positions: last`` counts every stream's events back from the end of
@@ -80,6 +82,7 @@ from cdsr.models.layers import (
     loss_weights,
     sample_domain_negatives,
     sampled_softmax_loss,
+    shared_negatives_softmax_loss,
     stream_states,
     subsequence_positions,
 )
@@ -96,6 +99,10 @@ class ABXIConfig:
     ffn_dim: int = 0  # SwiGLU hidden size; 0: round(8 d / 3)
     loss: Literal["sampled", "ce"] = "sampled"
     n_negatives: int = 128  # per domain, for loss: sampled
+    # sampled negatives drawn per training position (ABXI's code) or per sequence, shared by its
+    # positions (one GEMM per sequence instead of a gather per position: see
+    # layers.shared_negatives_softmax_loss)
+    negatives: Literal["position", "sequence"] = "position"
     temperature: float = 0.75
     # position index of a stream's events: "first" counts from its first event, "last" back from
     # its last (ABXI's code); "user" averages the loss per user and target domain as ABXI's code
@@ -319,6 +326,13 @@ class ABXI(SeqRecModel):
         if self.cfg.loss == "ce":
             return {"loss": domain_softmax_loss(q / self.cfg.temperature, tgt, tdom, self.item_emb.weight,
                                                 self.vocab.domain_ranges, row_weight=w)}
+        if self.cfg.negatives == "sequence":
+            B = valid.shape[0]
+            neg = torch.cat([sample_domain_negatives(torch.full((B,), a, dtype=torch.long, device=tgt.device), self.dom_lo,
+                                                     self.dom_size, self.cfg.n_negatives)
+                             for a in range(self.vocab.n_domains)], 1)
+            return {"loss": shared_negatives_softmax_loss(q, valid.nonzero()[:, 0], self.item_emb.weight, tgt, neg,
+                                                          1.0 / self.cfg.temperature, row_weight=w)}
         neg = torch.cat([sample_domain_negatives(torch.full_like(tdom, a), self.dom_lo, self.dom_size,
                                                  self.cfg.n_negatives) for a in range(self.vocab.n_domains)], 1)
         return {"loss": sampled_softmax_loss(q, self.item_emb.weight, tgt, neg, 1.0 / self.cfg.temperature,

@@ -421,6 +421,35 @@ def sampled_softmax_loss(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor
     return total / n if row_weight is None else total
 
 
+def shared_negatives_softmax_loss(q: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
+                                  neg: torch.Tensor, scale: float, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled softmax whose negatives are shared by the positions of one sequence: position n
+    (of batch row ``rows[n]``) ranks its positive ``pos[n]`` against ``neg[rows[n]]`` (a
+    negative equal to the positive is masked), scores ``scale * q . table[id]``.
+
+    q [N, d], rows / pos [N], neg [B, R] (ids into ``table`` [V, d]). The negatives' scores of a
+    row's positions are one product ``Q_b [L_b, d] x E_b^T [d, R]``, batched over rows
+    (positions laid out [B, Lmax, d]): B x R table rows are gathered instead of N x R, and the
+    products are GEMMs, not the per-position GEMVs of :class:`_SampledSoftmaxCE`. Mean over the
+    N positions, or with ``row_weight`` [N] the weighted sum."""
+    n = int(pos.numel())
+    if n == 0:
+        return (q.sum() + table.sum() * 0) * 0.0
+    B, R = neg.shape
+    counts = torch.bincount(rows, minlength=B)
+    slot = torch.arange(n, device=q.device) - (torch.cumsum(counts, 0) - counts)[rows]  # index within its row
+    Lmax = int(counts.max())
+    dt = compute_dtype(q.device)
+    Q = q.new_zeros(B, Lmax, q.shape[1], dtype=dt).index_put((rows, slot), q.to(dt))
+    E = table.to(dt).index_select(0, neg.reshape(-1)).view(B, R, -1)
+    s_neg = torch.bmm(Q, E.transpose(1, 2))[rows, slot].float()  # [N, R]
+    s_pos = (q.to(dt) * table.to(dt).index_select(0, pos)).sum(-1, dtype=torch.float32)  # [N]
+    logits = torch.cat([s_pos[:, None], s_neg], 1) * scale
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg[rows] == pos[:, None], float("-inf"))
+    nll = -torch.log_softmax(logits, 1)[:, 0]
+    return nll.mean() if row_weight is None else (nll * row_weight).sum()
+
+
 def cross_domain_attention_mass(probs: list[torch.Tensor], domains: torch.Tensor, valid: torch.Tensor,
                                 scale: str = "query") -> torch.Tensor:
     """AutoCDSR's L_cd (docs/methods.md "AutoCDSR and AutoCDSR+"): the attention mass that valid queries
