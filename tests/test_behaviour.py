@@ -14,7 +14,8 @@ from conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STORED = behaviour.load()
-HOW = ("then bump its version in src/cdsr/behaviour.json (records of the old version become stale) and run "
+HOW = ("if the math changed, bump its version in src/cdsr/behaviour.json (records of the old version become stale); "
+       "then, or if only a default setting changed (records keep their full configurations), run "
        "`python -m cdsr.behaviour --write`")
 
 

@@ -640,6 +640,20 @@ def results_add(
     _record(rd, metrics, results, name, "partial" if partial else "finished", command=command)
 
 
+@results_app.command("rename")
+def results_rename(dataset: str = typer.Option(..., "--dataset", "-d"), old: str = typer.Argument(...),
+                   new: str = typer.Argument(...), results: Path = RESULTS) -> None:
+    """Rename a record (its directory and name), e.g. before a default changes so that a preset's
+    name goes on meaning its current configuration."""
+    from cdsr.store import Store, StoreError
+
+    try:
+        rec = Store(results).rename(dataset, old, new)
+    except StoreError as exc:
+        _fail(str(exc))
+    typer.echo(f"renamed: {rec.path}")
+
+
 @results_app.command("list")
 def results_list(dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="One dataset (default: all)."),
                  results: Path = RESULTS) -> None:

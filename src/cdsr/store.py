@@ -101,7 +101,9 @@ class Record:
 
     @property
     def key(self) -> str:
-        return str(self.meta["key"])
+        """The identity now: its configuration's canonical form against today's defaults, with
+        the behaviour versions it was written under (``record.json`` keeps the key at writing)."""
+        return identity_key(self.config, self.meta.get("behaviour") or {})
 
     @property
     def status(self) -> str:
@@ -206,6 +208,20 @@ class Store:
             tmp.write_text(json.dumps(obj, indent=indent) + "\n")
             tmp.replace(path / fname)  # record.json last: a record is complete once it exists
         return Record(path, meta, config, metrics)
+
+    def rename(self, dataset: str, old: str, new: str) -> Record:
+        """Move record ``old`` to ``new`` (e.g. before a default changes, so that the name of a
+        preset goes on meaning its current configuration)."""
+        src, dst = self.dir(dataset, old), self.dir(dataset, new)
+        if not (src / RECORD).exists():
+            raise StoreError(f"{src}: no record")
+        if dst.exists():
+            raise StoreError(f"{dst} exists")
+        src.rename(dst)
+        meta = json.loads((dst / RECORD).read_text())
+        meta["name"] = new
+        (dst / RECORD).write_text(json.dumps(meta, indent=2) + "\n")
+        return Record.read(dst)
 
     # -- studies ------------------------------------------------------------------------------
     def journal(self, dataset: str, study: str) -> Path:
