@@ -205,6 +205,7 @@ def run(params: dict[str, Any], name: str, store: Any, runs_dir: Path = Path("ru
         log(f"run  {r.name} ({r.state}{', resuming at epoch %d' % r.epochs_done if r.in_progress else ''}): {r.command}")
         data = data if data is not None else load_split(camp.dataset, data_root)
         rd = RunDir(runs_dir / camp.dataset / r.name)
+        rd.prepare(r.spec)
         rd.write_command(r.command)
         metrics = train_spec(r.spec, rd, data)
         rec = store.put(rd, name=r.name, command=r.command, metrics=metrics)

@@ -326,6 +326,7 @@ def train(
                                                        epochs=epochs, seed=seed, set=sets_given, tuned=tuned,
                                                        out=None if record else out))
         if distributed.from_env().main:
+            RunDir(out).prepare(spec)  # refuses a file, or a directory of another run, before writing in it
             RunDir(out).write_command(command)
         metrics = train_spec(spec, RunDir(out))
         m = metrics.to_json()
