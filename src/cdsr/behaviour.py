@@ -16,6 +16,7 @@ the test fails and says which version to bump (then ``python -m cdsr.behaviour -
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 from pathlib import Path
@@ -29,7 +30,9 @@ FILE = Path(__file__).with_name("behaviour.json")
 RTOL, ATOL = 1e-3, 1e-5
 
 
+@functools.lru_cache(maxsize=1)
 def load() -> dict[str, Any]:
+    """``behaviour.json`` (read once per process: readers ask for every record's versions)."""
     return json.loads(FILE.read_text())
 
 
@@ -198,6 +201,7 @@ def write(params: dict[str, Any]) -> None:
     # one line per list of numbers: a changed fingerprint is one changed line in a diff
     text = re.sub(r"\[[^\[\]{}]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
     FILE.write_text(text + "\n")
+    load.cache_clear()
 
 
 if __name__ == "__main__":  # python -m cdsr.behaviour --write

@@ -52,40 +52,21 @@ def collect(roots: list[Path], dataset: str, stale: list[dict[str, Any]] | None 
     own, marked so; a stale record (older behaviour versions) is never averaged and is appended
     to ``stale`` instead. The same run found twice (a record and its run directory) counts once,
     the record winning."""
-    from cdsr.store import RECORD, Record, StoreError
-
     found: dict[str, dict[int, tuple[RunMetrics, bool]]] = {}
     for root in map(Path, roots):
         for f in sorted(root.rglob("metrics.json")):
-            from_store = (f.parent / RECORD).exists()
-            try:
-                if from_store:
-                    rec = Record.read(f.parent)
-                    m = rec.metrics
-                else:
-                    m = RunMetrics.read(f)
-            except (ResultsError, StoreError):  # not a run's record (e.g. another tool's metrics.json)
+            read = _read(f, root, dataset, stale)
+            if read is None:
                 continue
-            if m.dataset != dataset:
-                continue
-            if from_store:
-                if rec.stale:
-                    if stale is not None:
-                        stale.append({"name": rec.name, "key": rec.key, "behaviour": rec.meta.get("behaviour")})
-                    continue
-                rel = rec.name
-            else:
-                rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
+            rel, m, from_store = read
             hit = _SEED.match(rel)
             name, seed = (hit["name"], int(hit["seed"])) if hit else (rel, int(m.seed))
-            if from_store and rec.status != "finished":
-                name += f" (partial: {m.epochs_run} epochs)"
             runs_of = found.setdefault(name, {})
             if seed not in runs_of or (from_store and not runs_of[seed][1]):
                 runs_of[seed] = (m, from_store)
     groups = []
-    found = {name: [(seed, m) for seed, (m, _) in by_seed.items()] for name, by_seed in found.items()}
-    for name, runs in sorted(found.items()):
+    by_name = {name: [(seed, m) for seed, (m, _) in sorted(by_seed.items())] for name, by_seed in found.items()}
+    for name, runs in sorted(by_name.items()):
         runs.sort(key=lambda r: r[0])
         kinds = {(m.model, m.variant) for _, m in runs}
         if len(kinds) > 1:
@@ -107,6 +88,34 @@ def collect(roots: list[Path], dataset: str, stale: list[dict[str, Any]] | None 
             "protocols": protos,
         })
     return groups
+
+
+def _read(f: Path, root: Path, dataset: str, stale: list[dict[str, Any]] | None
+          ) -> tuple[str, RunMetrics, bool] | None:
+    """``(name with seed suffix, metrics, from the store)`` of one metrics.json of ``dataset``;
+    None for another dataset, a file that is no run's record, or a stale record (appended to
+    ``stale``). A partial record's name says so."""
+    from cdsr.store import RECORD, Record, StoreError
+
+    try:
+        if not (f.parent / RECORD).exists():
+            m = RunMetrics.read(f)
+            rel = f.parent.relative_to(root).as_posix() if f.parent != root else f.parent.name
+            return (rel, m, False) if m.dataset == dataset else None
+        rec = Record.read(f.parent)
+    except (ResultsError, StoreError):  # not a run's record (e.g. another tool's metrics.json)
+        return None
+    if rec.metrics.dataset != dataset:
+        return None
+    if rec.stale:
+        if stale is not None:
+            stale.append({"name": rec.name, "key": rec.key, "behaviour": rec.meta.get("behaviour")})
+        return None
+    hit = _SEED.match(rec.name)
+    if rec.status != "finished":  # its own group: "<name> (partial: N epochs)-s<seed>"
+        base, suffix = (hit["name"], f"-s{hit['seed']}") if hit else (rec.name, "")
+        return f"{base} (partial: {rec.metrics.epochs_run} epochs){suffix}", rec.metrics, True
+    return rec.name, rec.metrics, True
 
 
 def studies(tuned_dir: Path, dataset: str) -> list[dict[str, Any]]:
