@@ -170,6 +170,8 @@ def test_a_campaign_skips_recorded_runs_and_resumes_an_interrupted_one(tmp_path,
         return real_fit(*a, **k)
 
     monkeypatch.setattr("cdsr.train.run.fit", killed_in_second)
+    res = runner.invoke(app, ["campaign", "run", "c", *args, "--only", "wide"])  # names carry the seed
+    assert res.exit_code != 0 and "no run named ['wide']" in res.output and "wide-s1" in res.output
     res = runner.invoke(app, ["campaign", "run", "c", *args])
     assert res.exit_code != 0
     store = Store(tmp_path / "results")
@@ -185,6 +187,8 @@ def test_a_campaign_skips_recorded_runs_and_resumes_an_interrupted_one(tmp_path,
     assert recs["sasrec-merged-s2"].metrics.fit["merged"]["resumes"] == [{"epoch": 1, "step": 0}]
     res = runner.invoke(app, ["campaign", "run", "c", *args])
     assert res.output.count("skip") == 3 and "0 run(s) trained" in res.output
+    res = runner.invoke(app, ["campaign", "run", "c", *args, "--only", "wide-s1"])
+    assert res.exit_code == 0 and res.output.count("skip") == 1 and "skip wide-s1" in res.output
 
 
 def test_docs_tables_come_from_the_store(trained):

@@ -194,6 +194,9 @@ def run(params: dict[str, Any], name: str, store: Any, runs_dir: Path = Path("ru
     bad = [r.name for r in runs if r.state == "other"]
     if bad:
         raise ConfigError(f"campaign {name}: the store holds other runs under the names {bad}; rename these entries")
+    unknown = sorted(set(only or ()) - {r.name for r in runs})
+    if unknown:
+        raise ConfigError(f"campaign {name} has no run named {unknown}; its runs: {[r.name for r in runs]}")
     data = None
     done = []
     for r in runs:

@@ -718,7 +718,7 @@ def campaign_run(name: str = typer.Argument(..., help="A campaign declared in pa
                  params: Optional[Path] = PARAMS, root: Path = ROOT, results: Path = RESULTS,
                  runs_dir: Path = typer.Option(Path("runs"), "--runs-dir"),
                  commit: bool = typer.Option(False, "--commit", help="git-commit each record as its run finishes."),
-                 only: list[str] = typer.Option([], "--only", help="Only these run names (repeatable).")) -> None:
+                 only: list[str] = typer.Option([], "--only", help="Only these runs, by the names `campaign plan` lists (seed included: NAME-sS; repeatable).")) -> None:
     """Train the campaign's runs that have no current record, one at a time; each record is
     written (and with --commit committed) as its run finishes. Re-run to continue."""
     from cdsr import campaign
