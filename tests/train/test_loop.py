@@ -25,10 +25,10 @@ def data(tiny_root):
     return SplitData.load(tiny_root / "t" / "processed")
 
 
-def _fit(data, run_dir, name="sasrec", stop_at=None, epochs=3):
+def _fit(data, run_dir, name="sasrec", stop_at=None, epochs=3, ema=0.0):
     set_seed(5)
     model = build_model(name, model_config(name, SMALL, "merged"), Vocab.from_ranges(data.domain_ranges, data.domain_names))
-    cfg = TrainConfig(epochs=epochs, batch_size=32, checkpoint_every_steps=2, patience=50, progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, checkpoint_every_steps=2, patience=50, progress=False, ema=ema)
 
     def on_step(step):
         if stop_at is not None and step == stop_at:
@@ -38,20 +38,54 @@ def _fit(data, run_dir, name="sasrec", stop_at=None, epochs=3):
     return model, res
 
 
-@pytest.mark.parametrize("name", ["sasrec", "hstu"])  # HSTU also draws random negatives each step
-def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data, name):
-    ref_model, ref = _fit(data, tmp_path / "ref", name)
+@pytest.mark.parametrize(("name", "ema"), [("sasrec", 0.0), ("hstu", 0.0), ("sasrec", 0.9)])
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data, name, ema):
+    """HSTU also draws random negatives each step; with a weight average, that resumes too."""
+    ref_model, ref = _fit(data, tmp_path / "ref", name, ema=ema)
     steps_per_epoch = -(-len(__import__("cdsr.data.loaders", fromlist=["TrainDataset"]).TrainDataset(data, 20)) // 32)
     kill = steps_per_epoch + 3  # inside the second epoch, one step after a mid-epoch checkpoint
     with pytest.raises(TrainingInterrupted):
-        _fit(data, tmp_path / "run", name, stop_at=kill)
+        _fit(data, tmp_path / "run", name, stop_at=kill, ema=ema)
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert ck["state"]["epoch"] == 1 and ck["state"]["step"] == 2
-    model, res = _fit(data, tmp_path / "run", name)  # resumes from last.pt
+    assert ck["state"]["epoch"] == 1 and ck["state"]["step"] == 2 and ("ema" in ck) == bool(ema)
+    model, res = _fit(data, tmp_path / "run", name, ema=ema)  # resumes from last.pt
     for (k, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
     assert [h["val_NDCG@10"] for h in res.history] == [h["val_NDCG@10"] for h in ref.history]
     assert res.best_epoch == ref.best_epoch
+    for run in ("ref", "run"):  # best.pt: the same weights either way
+        assert torch.equal(torch.load(tmp_path / run / "best.pt", weights_only=True)["model"]["item_emb.weight"],
+                           torch.load(tmp_path / "ref" / "best.pt", weights_only=True)["model"]["item_emb.weight"])
+
+
+def test_weight_average_is_what_validation_ranks_and_best_keeps(tmp_path, data):
+    """With train.ema the best checkpoint holds the average, which follows
+    a <- d a + (1 - d) w after every step (the first step copies w), not the last weights."""
+    from cdsr.train import loop
+
+    d, seen = 0.5, []
+    real_step = loop._Session._step
+
+    def step(self, idx):  # the weights after every step, in order
+        out = real_step(self, idx)
+        seen.append(self.model.item_emb.weight.detach().clone())
+        return out
+
+    loop._Session._step = step
+    try:
+        model, res = _fit(data, tmp_path / "ema", epochs=1, ema=d)
+    finally:
+        loop._Session._step = real_step
+    avg = seen[0]
+    for w in seen[1:]:
+        avg = d * avg + (1 - d) * w
+    best = torch.load(tmp_path / "ema" / "best.pt", weights_only=True)["model"]["item_emb.weight"]
+    assert torch.allclose(best, avg, atol=1e-6) and not torch.allclose(best, model.item_emb.weight, atol=1e-4)
+    with pytest.raises(ValueError, match="without train.ema"):  # a run started without the average
+        _fit(data, tmp_path / "plain", epochs=1)
+        _fit(data, tmp_path / "plain", epochs=2, ema=d)
+    with pytest.raises(Exception, match=r"train.ema must be in \[0, 1\)"):
+        TrainConfig(ema=1.0)
 
 
 def test_early_stopping_and_best_checkpoint(tmp_path, data):

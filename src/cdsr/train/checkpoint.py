@@ -1,7 +1,7 @@
 """What a checkpoint holds, and the loop's state between steps.
 
-``last.pt`` = model, optimiser, CPU (and CUDA) RNG state, the strategy's state and the
-:class:`TrainState`; ``best.pt`` = the best model with its epoch and validation value. These
+``last.pt`` = model, optimiser, CPU (and CUDA) RNG state, the strategy's state, the weights'
+moving average where training keeps one, and the :class:`TrainState`; ``best.pt`` = the best model with its epoch and validation value. These
 functions build and apply those dicts; where they are stored is :class:`cdsr.runs.RunDir`'s
 business. Checkpoints hold only tensors and plain values, so they load with ``weights_only=True``.
 """
@@ -56,7 +56,7 @@ def _rng(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: object, state: TrainState,
-         device: torch.device, d: Dist = SINGLE) -> dict[str, Any]:
+         device: torch.device, d: Dist = SINGLE, ema: torch.nn.Module | None = None) -> dict[str, Any]:
     """The ``last.pt`` dict: everything a killed run needs to continue as if never stopped.
 
     Several processes: every rank calls this (the RNG states of all ranks are gathered into
@@ -66,6 +66,8 @@ def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: obj
           "state": state.to_dict()}
     if hasattr(strategy, "state_dict"):
         ck["strategy"] = strategy.state_dict()
+    if ema is not None:
+        ck["ema"] = ema.state_dict()
     if "cuda" in rng:
         ck["rng_cuda"] = rng["cuda"]
     if d.active:
@@ -74,7 +76,7 @@ def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: obj
 
 
 def restore(ck: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: object,
-            device: torch.device, d: Dist = SINGLE) -> TrainState:
+            device: torch.device, d: Dist = SINGLE, ema: torch.nn.Module | None = None) -> TrainState:
     """Apply a ``last.pt`` dict (see :func:`pack`) to fresh objects; returns the state it holds.
 
     A rank takes its own RNG state from ``rng_ranks``; where the checkpoint was written by another
@@ -89,6 +91,10 @@ def restore(ck: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
         torch.cuda.set_rng_state(rng["cuda"], device)
     if "strategy" in ck and hasattr(strategy, "load_state_dict"):
         strategy.load_state_dict(ck["strategy"])
+    if ema is not None:
+        if "ema" not in ck:
+            raise ValueError("this checkpoint was written without train.ema, so its run cannot resume with it")
+        ema.load_state_dict(ck["ema"])
     return TrainState.from_dict(ck["state"])
 
 

@@ -105,6 +105,9 @@ class TrainConfig:
     pareto: ParetoConfig = field(default_factory=ParetoConfig)  # the "pareto" strategy (AutoCDSR)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # learning rate over training
     amp: bool = True  # bf16 autocast where the device has native bf16 (see amp_dtype); False: float32
+    # exponential moving average of the weights, updated after every step with this decay (0: off);
+    # validation, best.pt and so the test figures use the average (torch.optim.swa_utils)
+    ema: float = 0.0
     device: str = "auto"
     progress: bool = True
 
@@ -116,6 +119,8 @@ class TrainConfig:
         if not self.validate_in_warmup and self.epochs <= self.schedule.warmup_epochs:
             raise ConfigError(f"train: validate_in_warmup false needs epochs ({self.epochs}) > schedule.warmup_epochs "
                               f"({self.schedule.warmup_epochs}), or no epoch would be validated")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"train.ema must be in [0, 1) (0: off), got {self.ema}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"train: need lr > 0 and weight_decay >= 0 (finite), got lr={self.lr}, "
                               f"weight_decay={self.weight_decay}")

@@ -8,6 +8,8 @@
 - Gradient clipping, AMP (bf16 autocast, float32 master weights) where the device computes bf16
   natively (CUDA, CPUs with AVX-512), cuda / mps / cpu device selection.
 - A progress bar with loss and throughput.
+- An optional exponential moving average of the weights (``train.ema``, torch's
+  ``AveragedModel``): validation ranks with the average, and ``best.pt`` holds it.
 - A pluggable optimisation strategy: ``Strategy.step`` turns a batch into a parameter update
   (AutoCDSR's Pareto step plugs in here rather than copying the loop).
 - Data parallelism over several processes launched by torchrun (:mod:`cdsr.train.distributed`):
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import BatchSampler, RandomSampler
 from tqdm import tqdm
 
@@ -80,6 +83,9 @@ class _Session:
         self.strategy = select_strategy(model, cfg, strategy)
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp = amp_dtype(self.device) if cfg.amp else None
+        # buffers stay the model's (use_buffers=False): these models keep only constants there,
+        # some of them integer, which an average would corrupt
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
         self.ds = TrainDataset(data, eval_cfg.max_len)
         if len(self.ds) == 0:
             raise ValueError("no user has a training prefix of >= 2 events")
@@ -100,7 +106,7 @@ class _Session:
         return _batch_order(len(self.ds), self.cfg.batch_size, self.seed, epoch)
 
     def _resume(self, ck: dict) -> None:
-        st = self.state = restore(ck, self.model, self.opt, self.strategy, self.device, self.dist)
+        st = self.state = restore(ck, self.model, self.opt, self.strategy, self.device, self.dist, self.ema)
         if not self.finished():  # an unfinished run resumes
             st.resumes.append({"epoch": st.epoch, "step": st.step})
             if self.dist.main:
@@ -116,7 +122,7 @@ class _Session:
 
     def checkpoint(self) -> None:
         self.state.global_step = self.global_step
-        ck = pack(self.model, self.opt, self.strategy, self.state, self.device, self.dist)  # all ranks: RNG states
+        ck = pack(self.model, self.opt, self.strategy, self.state, self.device, self.dist, self.ema)  # all ranks: RNG
         if self.dist.main:
             self.steps_log.flush()  # before the checkpoint: a resume truncates rows past its global step
             self.rd.save_last(ck)
@@ -139,6 +145,8 @@ class _Session:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr(self.steps_per_epoch, self.global_step)
             stats = self._step(idx)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             st.step += 1
             self.global_step += 1
             seen += len(idx)
@@ -185,17 +193,18 @@ class _Session:
         """Rank the validation targets; update the best checkpoint, early stopping and the plateau
         schedule from the selection value; add the validation figures to ``record``."""
         cfg, st = self.cfg, self.state
-        summary = summarise(rank_targets(self.model, val_data, "valid", cfg.val_protocol, self.eval_cfg, self.device),
+        model = self.model if self.ema is None else self.ema.module
+        summary = summarise(rank_targets(model, val_data, "valid", cfg.val_protocol, self.eval_cfg, self.device),
                             val_data.domain_names, self.eval_cfg)
         metric = selection_value(summary, cfg.val_metric, cfg.val_aggregate)
         record.update({f"val_{k}": v for k, v in summary["overall"].items() if k != "n"})
         record["val_selection"] = metric  # what early stopping, the plateau schedule and tuning follow
-        diagnose = getattr(self.model, "epoch_diagnostics", None)  # e.g. GCA's |cos(X, X')| on validation
+        diagnose = getattr(model, "epoch_diagnostics", None)  # e.g. GCA's |cos(X, X')| on validation
         if diagnose is not None:
             record.update({f"val_{k}": v for k, v in diagnose(val_data, self.eval_cfg, self.device).items()})
         if metric > st.best_metric + cfg.min_delta or (cfg.ties_improve and metric == st.best_metric + cfg.min_delta):
             st.best_metric, st.best_epoch, st.bad_epochs = metric, epoch, 0
-            self.rd.save_best(best_entry(self.model, epoch, metric))
+            self.rd.save_best(best_entry(model, epoch, metric))
         else:
             st.bad_epochs += 1
         if cfg.schedule.kind == "plateau":  # its own patience, counted in validations
