@@ -120,3 +120,12 @@ def test_cli_and_report(tmp_path, runs):
     assert 'id="leaderboard"' in html and "<td>a/hstu-merged</td>" in html
     assert 'id="leaderboard"' not in write_report("synthetic", metrics_dir, tmp_path / "rep2").read_text()
     assert 'id="versus-published"' not in html  # no published row for this dataset
+    # a dataset the benchmark never ran: the report of the store alone, with a warning
+    res = runner.invoke(app, ["report", "--dataset", "synthetic", "--runs", str(runs), "--metrics-dir",
+                              str(tmp_path / "no-metrics"), "--out", str(tmp_path / "rep3"), "--no-mlflow"])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "rep3" / "index.html").read_text()
+    assert "<td>a/hstu-merged</td>" in html and "this page holds the leaderboard only" in html
+    res = runner.invoke(app, ["report", "--dataset", "synthetic", "--metrics-dir", str(tmp_path / "no-metrics"),
+                              "--no-mlflow", "--out", str(tmp_path / "rep4")])
+    assert res.exit_code != 0 and "no metrics files" in res.output

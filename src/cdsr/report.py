@@ -507,9 +507,15 @@ def write_report(dataset: str, metrics_dir: Path, out_dir: Path, context: dict |
     ``context`` (optional): ``"commands"`` (str or list: how to reproduce; default ``dvc repro`` and
     ``cdsr report --dataset <dataset>``), ``"generated"`` (the only timestamp on the page); any other
     keys are listed in the header as they are. All files are written directly in ``out_dir``; see
-    ``report_files``. ``leaderboard`` (:func:`cdsr.leaderboard.build`): adds its tables.
+    ``report_files``. ``leaderboard`` (:func:`cdsr.leaderboard.build`): adds its tables; with
+    it, a dataset the benchmark never ran gets a page of the leaderboard alone.
     """
-    methods, warnings = load_metrics(Path(metrics_dir))
+    try:
+        methods, warnings = load_metrics(Path(metrics_dir))
+    except FileNotFoundError:
+        if leaderboard is None:
+            raise
+        methods, warnings = {}, [f"no benchmark metrics in {metrics_dir}: this page holds the leaderboard only"]
     context = dict(context or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
