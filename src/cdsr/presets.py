@@ -10,7 +10,9 @@ A preset is declared in params.yaml under ``presets:``::
         set: [train.lr=0.0001, train.weight_decay=5.0, model.d=256]
 
 ``set`` holds ``--set`` style overrides applied over params.yaml before the user's own
-``--set`` (which win). A preset is data, not code: it is checked at the edge (known model,
+``--set`` (which win). ``base: OTHER`` starts from preset OTHER's overrides (its ``set``, its
+own base's first), so a regime is written once and its variants name only what they change;
+the model is always the preset's own. A preset is data, not code: it is checked at the edge (known model,
 well-formed overrides, a config that parses) and expands to ``(model, overrides)``.
 """
 
@@ -30,6 +32,7 @@ class Preset:
     model: str
     description: str = ""
     set: list[str] = field(default_factory=list)
+    base: str = ""
 
 
 def presets(params: dict[str, Any]) -> dict[str, Preset]:
@@ -50,7 +53,20 @@ def presets(params: dict[str, Any]) -> dict[str, Preset]:
         if bad:
             raise ConfigError(f"presets.{name}.set: expected section.key=value strings, got {bad}")
         out[name] = p
-    return out
+    return {name: _with_base(out, name, ()) for name in out}
+
+
+def _with_base(declared: dict[str, Preset], name: str, seen: tuple[str, ...]) -> Preset:
+    """Preset ``name`` with its base's overrides before its own (``set`` then holds them all)."""
+    p = declared[name]
+    if not p.base:
+        return p
+    if p.base not in declared:
+        raise ConfigError(f"presets.{name}.base: unknown preset {p.base!r}; declared: {sorted(declared)}")
+    if p.base in seen + (name,):
+        raise ConfigError(f"presets.{name}.base: a cycle ({' -> '.join(seen + (name, p.base))})")
+    base = _with_base(declared, p.base, seen + (name,))
+    return Preset(p.model, p.description, [*base.set, *p.set])
 
 
 def expand(params: dict[str, Any], name: str, model: str | None = None) -> tuple[str, list[str]]:

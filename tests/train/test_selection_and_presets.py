@@ -78,6 +78,15 @@ def test_presets_expand_and_refuse_bad_entries():
         presets(_params(x={"model": "sasrec", "sets": []}))
     with pytest.raises(ConfigError, match="valid preset name"):
         presets(_params(**{"../x": {"model": "sasrec"}}))
+    # a base's overrides come first, the preset's own after (the later of two equal keys wins)
+    p = _params(fast={"model": "sasrec", "set": ["train.lr=0.001", "model.d=32"]},
+                wide={"model": "sasrec", "base": "fast", "set": ["model.d=64"]},
+                wider={"model": "hstu", "base": "wide", "set": ["train.lr=0.01"]})
+    assert expand(p, "wider") == ("hstu", ["train.lr=0.001", "model.d=32", "model.d=64", "train.lr=0.01"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        presets(_params(x={"model": "sasrec", "base": "nope"}))
+    with pytest.raises(ConfigError, match="a cycle"):
+        presets(_params(x={"model": "sasrec", "base": "y"}, y={"model": "sasrec", "base": "x"}))
 
 
 def test_the_project_presets_parse_and_build():
