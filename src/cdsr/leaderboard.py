@@ -67,7 +67,6 @@ def collect(roots: list[Path], dataset: str, stale: list[dict[str, Any]] | None 
     groups = []
     by_name = {name: [(seed, m) for seed, (m, _) in sorted(by_seed.items())] for name, by_seed in found.items()}
     for name, runs in sorted(by_name.items()):
-        runs.sort(key=lambda r: r[0])
         kinds = {(m.model, m.variant) for _, m in runs}
         if len(kinds) > 1:
             raise ValueError(f"runs named {name!r} are of different models/variants {sorted(kinds)}: rename one")

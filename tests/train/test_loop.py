@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cdsr.config import load_params
+from cdsr.config import ConfigError, load_params
 from cdsr.data.loaders import SplitData
 from cdsr.evaluate.protocols import EvalConfig
 from cdsr.models.base import Vocab
@@ -53,12 +53,11 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path, data, name, ema):
         assert torch.equal(a, b), k
     assert [h["val_NDCG@10"] for h in res.history] == [h["val_NDCG@10"] for h in ref.history]
     assert res.best_epoch == ref.best_epoch
-    for run in ("ref", "run"):  # best.pt: the same weights either way
-        assert torch.equal(torch.load(tmp_path / run / "best.pt", weights_only=True)["model"]["item_emb.weight"],
-                           torch.load(tmp_path / "ref" / "best.pt", weights_only=True)["model"]["item_emb.weight"])
+    best = [torch.load(tmp_path / r / "best.pt", weights_only=True)["model"]["item_emb.weight"] for r in ("ref", "run")]
+    assert torch.equal(*best)  # best.pt (the average, with ema): the same weights either way
 
 
-def test_weight_average_is_what_validation_ranks_and_best_keeps(tmp_path, data):
+def test_weight_average_is_what_validation_ranks_and_best_keeps(tmp_path, data, monkeypatch):
     """With train.ema the best checkpoint holds the average, which follows
     a <- d a + (1 - d) w after every step (the first step copies w), not the last weights."""
     from cdsr.train import loop
@@ -71,20 +70,18 @@ def test_weight_average_is_what_validation_ranks_and_best_keeps(tmp_path, data):
         seen.append(self.model.item_emb.weight.detach().clone())
         return out
 
-    loop._Session._step = step
-    try:
-        model, res = _fit(data, tmp_path / "ema", epochs=1, ema=d)
-    finally:
-        loop._Session._step = real_step
+    monkeypatch.setattr(loop._Session, "_step", step)
+    model, res = _fit(data, tmp_path / "ema", epochs=1, ema=d)
+    monkeypatch.undo()
     avg = seen[0]
     for w in seen[1:]:
         avg = d * avg + (1 - d) * w
     best = torch.load(tmp_path / "ema" / "best.pt", weights_only=True)["model"]["item_emb.weight"]
     assert torch.allclose(best, avg, atol=1e-6) and not torch.allclose(best, model.item_emb.weight, atol=1e-4)
+    _fit(data, tmp_path / "plain", epochs=1)
     with pytest.raises(ValueError, match="without train.ema"):  # a run started without the average
-        _fit(data, tmp_path / "plain", epochs=1)
         _fit(data, tmp_path / "plain", epochs=2, ema=d)
-    with pytest.raises(Exception, match=r"train.ema must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"train.ema must be in \[0, 1\)"):
         TrainConfig(ema=1.0)
 
 
