@@ -47,6 +47,27 @@ def test_fused_domain_softmax_equals_cross_entropy(monkeypatch, cells, with_bias
         assert torch.allclose(L.domain_softmax_loss(h, tg, td, W, RANGES, b), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("cells", [1 << 21, 40])
+def test_fused_domain_softmax_is_exact_where_the_targets_probability_underflows(monkeypatch, cells):
+    """Rows whose target sits hundreds of nats below the best item (p_t below float32's
+    smallest normal): the loss is the exact log-softmax's, not a clamped one."""
+    monkeypatch.setattr(L, "CE_CHUNK_CELLS", cells)
+    monkeypatch.setattr(L, "CE_MIN_ROWS", 1)
+    torch.manual_seed(1)
+    h = (torch.randn(20, 8) * 40).requires_grad_()
+    W = torch.randn(66, 8, requires_grad=True)
+    td = torch.randint(0, 2, (20,))
+    with torch.no_grad():  # each row's target: its worst item of its domain
+        tg = torch.tensor([int((h[i] @ W[lo:hi + 1].T).argmin()) + lo
+                           for i, (lo, hi) in enumerate(RANGES[int(d)] for d in td)])
+    want = _domain_ce_reference(h, tg, td, W, None)
+    assert want.item() > 150  # the underflow regime
+    got = L.domain_softmax_loss(h, tg, td, W, RANGES)
+    assert torch.allclose(got, want, rtol=1e-6)
+    for a, e in zip(torch.autograd.grad(got, [h, W]), torch.autograd.grad(want, [h, W])):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_domain_softmax_under_bf16_autocast_stays_close():
     torch.manual_seed(1)
     h = torch.randn(200, 16, requires_grad=True)
