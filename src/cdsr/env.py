@@ -10,7 +10,6 @@ It also keeps glibc's malloc from handing large blocks back to the kernel (:func
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from pathlib import Path
@@ -46,16 +45,17 @@ def tune_allocator() -> bool:
     By default glibc serves blocks above 32 MiB with a fresh ``mmap`` and returns them at
     ``free``, so every large activation of a step, or batch of an evaluation, is zeroed page by
     page by the kernel again: the page faults took about half of a ``full`` evaluation of
-    Food-Kitchen by ``abxi`` (the ``fill_``/``copy_`` of [B L, 3 d] buffers) and 10-15% of its
-    training step on one thread. The fix PyTorch's CPU tuning guide gives is another allocator
+    Food-Kitchen by ``abxi`` (the ``fill_``/``copy_`` of [B L, 3 d] buffers; docs/results.md,
+    "The allocator"); a training step on 2 idle threads did not change. The fix PyTorch's CPU tuning guide gives is another allocator
     (jemalloc / tcmalloc, by ``LD_PRELOAD``); the same effect within glibc is two ``mallopt``
     calls, here at import. Memory is reused rather than returned, so the resident set stays at
     its peak. No number changes. Returns whether the settings were applied."""
     if os.environ.get("CDSR_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # the process's own symbols (libc among them): find_library("c") would run ldconfig at
+        # every import
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

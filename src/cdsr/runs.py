@@ -32,6 +32,7 @@ from cdsr.config import ConfigError, from_dict
 from cdsr.data.loaders import SplitData
 from cdsr.evaluate.protocols import EvalConfig
 from cdsr.evaluate.results import RunMetrics
+from cdsr.jsonio import write_json
 from cdsr.models.base import Vocab
 from cdsr.models.registry import build_model, model_config
 from cdsr.train.config import TrainConfig, pick_device
@@ -198,10 +199,6 @@ class StepLog:
             self.path.write_text("".join(keep))
 
 
-def _write_json(path: Path, obj: Any, indent: int = 2) -> None:
-    path.write_text(json.dumps(obj, indent=indent) + "\n")
-
-
 class RunDir:
     """One run directory (or one domain's part of a ``single`` run: :meth:`part`)."""
 
@@ -254,7 +251,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
             raise RunDirError(f"{self.path}: cannot be a run directory: {exc}") from exc
-        _write_json(self.file(self.CONFIG), config)
+        write_json(self.file(self.CONFIG), config)
 
     def write_command(self, command: str) -> None:
         """The command line that trains (and, re-run, resumes) this run."""
@@ -316,14 +313,14 @@ class RunDir:
         return [p.file(self.STEPS) for p in self.parts() if p.file(self.STEPS).exists()]
 
     def write_history(self, history: list[dict]) -> None:
-        _write_json(self.file(self.HISTORY), history, indent=1)
+        write_json(self.file(self.HISTORY), history, indent=1)
 
     # results --------------------------------------------------------------------------------
     def has_fit(self) -> bool:
         return self.file(self.FIT).exists()
 
     def write_fit(self, fitted: dict[str, Any]) -> None:
-        _write_json(self.file(self.FIT), fitted, indent=1)
+        write_json(self.file(self.FIT), fitted, indent=1)
 
     def read_fit(self) -> dict[str, Any]:
         return json.loads(self.file(self.FIT).read_text())
@@ -332,7 +329,7 @@ class RunDir:
         return self.file(self.METRICS).exists()
 
     def write_metrics(self, metrics: RunMetrics) -> None:
-        _write_json(self.file(self.METRICS), metrics.to_json())
+        write_json(self.file(self.METRICS), metrics.to_json())
 
     def metrics(self) -> RunMetrics:
         return RunMetrics.read(self.file(self.METRICS))
@@ -343,7 +340,7 @@ class RunDir:
         return json.loads(f.read_text()) if f.exists() else None
 
     def write_json(self, name: str, obj: Any, indent: int = 1) -> Path:
-        _write_json(self.file(name), obj, indent=indent)
+        write_json(self.file(name), obj, indent=indent)
         return self.file(name)
 
     # models ---------------------------------------------------------------------------------

@@ -36,17 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from cdsr.evaluate.results import RunMetrics
+from cdsr.jsonio import write_json
 
 SCHEMA = 1
 RECORD, CONFIG, METRICS = "record.json", "config.json", "metrics.json"
 STUDIES = "studies"
-
-
-def _write_json(path: Path, obj: Any, indent: int) -> None:
-    """``obj`` to ``path`` through a temporary file: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    tmp.replace(path)
 
 
 class StoreError(ValueError):
@@ -211,7 +205,7 @@ class Store:
         path = self.dir(config["dataset"], name)
         path.mkdir(parents=True, exist_ok=True)
         for fname, obj, indent in ((CONFIG, config, 2), (METRICS, metrics.to_json(), 1), (RECORD, meta, 2)):
-            _write_json(path / fname, obj, indent)  # record.json last: a record is complete once it exists
+            write_json(path / fname, obj, indent)  # record.json last: a record is complete once it exists
         return Record(path, meta, config, metrics)
 
     def rename(self, dataset: str, old: str, new: str) -> Record:
@@ -224,7 +218,7 @@ class Store:
             raise StoreError(f"{dst} exists")
         src.rename(dst)
         meta = json.loads((dst / RECORD).read_text())
-        _write_json(dst / RECORD, {**meta, "name": new}, 2)
+        write_json(dst / RECORD, {**meta, "name": new}, 2)
         return Record.read(dst)
 
     # -- studies ------------------------------------------------------------------------------
