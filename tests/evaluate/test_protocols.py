@@ -147,6 +147,7 @@ def test_ranks_match_a_slow_reference(data, protocol, exclude_history, kind, mon
     if kind is DotFake:  # small blocks: several row blocks, and every domain split into chunks (two passes)
         monkeypatch.setattr(P, "ROW_BLOCK", 7)
         monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 7 * 40)
+        monkeypatch.setattr(P, "SINGLE_PASS_ROWS", 10**9)
     res = rank_targets(kind(data.n_items, by_item_id), data, "test", protocol, cfg)
     ranks, n_cand = _reference(data, protocol, exclude_history and not PROTOCOLS[protocol].sampled)
     assert res.protocol == protocol
@@ -266,9 +267,10 @@ def test_bad_score_shape_is_reported(data):
         rank_targets(Bad(data.n_items, None), data, "test", "full", EvalConfig())
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("chunked", [False, True, "single"])
 def test_real_models_rank_the_same_through_score_parts(data, chunked, monkeypatch):
-    """The per-domain block path over ``score_parts`` gives the ranks of ``score`` over every item."""
+    """The per-domain block path over ``score_parts`` gives the ranks of ``score`` over every item:
+    one block of rows per domain, two passes over item chunks, and one pass in small row blocks."""
     from cdsr.models.base import Vocab
     from cdsr.models.registry import build_model, model_config
 
@@ -280,8 +282,14 @@ def test_real_models_rank_the_same_through_score_parts(data, chunked, monkeypatc
         def score(self, batch, candidates=None):
             return self.net.score(batch, candidates)
 
-    if chunked:  # items in chunks of 50: the two-pass path on every domain
+    widest = int(max(hi - lo + 1 for lo, hi in data.domain_ranges))
+    if chunked == "single":  # every domain in one chunk, 3 rows at a time
+        monkeypatch.setattr(P, "SINGLE_PASS_ROWS", 3)
+        monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 3 * widest)
+    elif chunked:  # items in chunks of 50: the two-pass path on every domain
+        monkeypatch.setattr(P, "SINGLE_PASS_ROWS", 10**9)
         monkeypatch.setattr(P, "SCORE_CHUNK_CELLS", 64 * 50)
+        assert widest > 50
     vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
     for name in ("sasrec", "bert4rec", "hstu", "gca", "dpg", "abxi", "abxi_gca"):
         torch.manual_seed(0)
@@ -294,3 +302,23 @@ def test_real_models_rank_the_same_through_score_parts(data, chunked, monkeypatc
                 b = rank_targets(ScoreOnly(net), data, "test", proto, cfg)
                 assert torch.equal(a.ranks, b.ranks), (name, proto, excl)
                 assert torch.equal(a.n_candidates, b.n_candidates), (name, proto, excl)
+
+
+def test_ranking_is_float32_under_a_callers_bf16_autocast(data):
+    """No ties added: a bf16 autocast around the evaluation (the training loop's precision)
+    changes no rank of a real model, full and sampled, and the target's ties stay float32's."""
+    from cdsr.models.base import Vocab
+    from cdsr.models.registry import build_model, model_config
+
+    vocab = Vocab.from_ranges(data.domain_ranges, data.domain_names)
+    for name in ("sasrec", "abxi"):
+        torch.manual_seed(0)
+        small = {"d": 16, "heads": 1, "max_len": 20, **({} if name == "abxi" else {"layers": 1})}
+        net = build_model(name, model_config(name, small, "merged"), vocab)
+        for proto in ("full", "sampled-100"):
+            cfg = EvalConfig(protocols=[proto], max_len=20, batch_size=64)
+            want = rank_targets(net, data, "test", proto, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = rank_targets(net, data, "test", proto, cfg)
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+            assert torch.equal(got.ranks, want.ranks), (name, proto)

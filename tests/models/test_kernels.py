@@ -177,6 +177,32 @@ def test_last_position_encoder_equals_the_full_one(name):
     assert torch.allclose(full[:, 1:], ref[:, 1:], atol=1e-5) and torch.isinf(full[:, 0]).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_last_query_attention_equals_the_general_path(causal, with_sink):
+    """The evaluation path (keys and values folded into the query) gives the last position of the
+    general path: padding, a padded last row's own diagonal, a sink of n zero vectors (n = 0:
+    none), and its inputs' padding rows left as they are (not zeroed)."""
+    torch.manual_seed(0)
+    mha = L.MultiHeadAttention(12, 3, 0.3).eval()
+    torch.nn.init.normal_(mha.qkv.bias, std=0.5)  # sink keys and values are the biases
+    x = torch.randn(4, 6, 12)
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[2, :] = False  # nothing valid: the diagonal alone
+    valid[3, 2] = False
+    sink = torch.tensor([[0] * 6, [4] * 6, [6] * 6, [1] * 6]) if with_sink else None
+    mask = L.attention_mask(valid, causal=causal)
+    with torch.no_grad():
+        fast, _ = mha(x, mask, last_only=True, sink=sink)
+        full, _ = mha(x, mask, sink=sink)
+        probs = mha(x, mask, need_probs=True, last_only=True, sink=sink)[1]  # the general path
+    assert fast.shape == (4, 1, 12) and probs is not None
+    assert torch.allclose(fast[:, 0], full[:, -1], atol=1e-5)
+    mha.train()  # dropout on: the general path, not the folded one
+    assert mha(x, mask, last_only=True, sink=sink)[0].shape == (4, 1, 12)
+
+
 def test_amp_dtype_follows_the_device():
     from cdsr.train.config import amp_dtype
 

@@ -183,8 +183,11 @@ def rank_targets(model: nn.Module, data: SplitData, split: str, protocol: str, c
     was_training = model.training
     model.eval()
     out: dict[str, list[Tensor]] = {k: [] for k in ("ranks", "n_candidates", "domain", "hist_len", "user_idx")}
+    # float32 whatever the caller's autocast: bf16 scores (8 significant bits) would tie
+    # candidates that float32 orders, and ties count against the target
+    fp32 = torch.autocast(device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fp32:
             for start in range(0, len(ds), bs):
                 idx = np.arange(start, min(start + bs, len(ds)))
                 batch = {k: v.to(device) for k, v in ds[idx].items()}
@@ -250,6 +253,10 @@ def _rank_scored(model: nn.Module, batch: dict[str, Tensor], data: SplitData, al
 # [rows, V_d] block of a 700k-item domain would stream through main memory twice.
 SCORE_CHUNK_CELLS = 1 << 21
 ROW_BLOCK = 512
+# A domain of at most SCORE_CHUNK_CELLS / SINGLE_PASS_ROWS items (32k) is scored in one pass:
+# blocks of SCORE_CHUNK_CELLS / V rows (64 to 512) against all its items, so each score is
+# computed once; a wider domain needs the two passes below (each chunk's product twice).
+SINGLE_PASS_ROWS = 64
 
 
 def _rank_by_domain(q: Tensor, table: Tensor, bias: Tensor | None, target: Tensor, tdom: Tensor,
@@ -259,13 +266,14 @@ def _rank_by_domain(q: Tensor, table: Tensor, bias: Tensor | None, target: Tenso
     each row scored against its candidates only: its target domain's items (all items for
     ``full-all``), never a [B, n_items + 1] matrix or mask.
 
-    Rows of a domain are taken ``ROW_BLOCK`` at a time and its items in chunks of
-    ``SCORE_CHUNK_CELLS`` scores, so memory is bounded for any catalogue. A domain wider than
-    one chunk is scored twice: a first pass reads each row's target score from the chunk that
-    holds it, a second counts the candidates scoring at least that; both passes compute every
-    chunk with the same product (same shapes, same inputs), so the target is compared with the
-    very values the counting sees. Rules as ``ranks_full``: rank = #(candidates scoring >= the
-    target), the target counting itself (pessimistic ties); a NaN target score ranks last.
+    Rows of a domain are taken in blocks and its items in chunks of ``SCORE_CHUNK_CELLS``
+    scores, so memory is bounded for any catalogue. A domain of up to 32k items is one chunk
+    (blocks of 64 to 512 rows), each score computed once. A wider domain is scored twice: a
+    first pass reads each row's target score from the chunk that holds it, a second counts the
+    candidates scoring at least that; both passes compute every chunk with the same product
+    (same shapes, same inputs), so the target is compared with the very values the counting
+    sees. Rules as ``ranks_full``: rank = #(candidates scoring >= the target), the target
+    counting itself (pessimistic ties); a NaN target score ranks last.
     ``hist`` (exclude_history): (row, item) pairs of the rows' histories, whose items leave
     the candidates unless they are the row's target.
     """
@@ -282,8 +290,9 @@ def _rank_by_domain(q: Tensor, table: Tensor, bias: Tensor | None, target: Tenso
         rows_h, items_h = key // (n_items + 1), key % (n_items + 1)
     for rows, lo, hi in groups:
         V = hi - lo + 1
-        for b0 in range(0, len(rows), ROW_BLOCK):
-            r = rows[b0:b0 + ROW_BLOCK]
+        block = min(ROW_BLOCK, SCORE_CHUNK_CELLS // V) if V * SINGLE_PASS_ROWS <= SCORE_CHUNK_CELLS else ROW_BLOCK
+        for b0 in range(0, len(rows), block):
+            r = rows[b0:b0 + block]
             n_r = len(r)
             qr, tr = q[r], target[r] - lo
             step = max(1, SCORE_CHUNK_CELLS // n_r)

@@ -251,7 +251,9 @@ class ABXI(SeqRecModel):
         if not last_only and self.cfg.packed:
             return self._packed_block(x, valid, k, sink)
         rows = None
-        if last_only and self.cfg.packed:  # keys and values of the valid positions only
+        # in training, keys and values of the valid positions only; in evaluation the attention
+        # projects no key or value (MultiHeadAttention._last_query) and takes x as it is
+        if last_only and self.cfg.packed and self.training:
             B, L, d = x.shape
             rows = valid.reshape(-1).nonzero().squeeze(1)
             a, _ = self.attn(x.reshape(B * L, d).index_select(0, rows), attention_mask(valid, causal=True),

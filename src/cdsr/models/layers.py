@@ -101,7 +101,12 @@ class MultiHeadAttention(nn.Module):
         ``rows`` [n]: x is packed, x [n, d] holding rows ``rows`` of the [B * L, d] batch (its valid
         positions; B, L from ``mask``), and so is y [n, d] (``last_only``: y [B, 1, d], the last
         position must be valid). The projections then run on those rows only; the other
-        positions' keys must be masked (their values are zero)."""
+        positions' keys must be masked (their values are zero).
+
+        ``last_only`` without dropout or probabilities and with x padded (``rows`` None) takes
+        :meth:`_last_query`, which projects no key or value."""
+        if last_only and rows is None and not need_probs and not (self.training and self.p > 0):
+            return self._last_query(x, mask, sink), None
         if rows is None:
             B, L, d = x.shape
             qkv = self.qkv(x)
@@ -133,6 +138,33 @@ class MultiHeadAttention(nn.Module):
         if rows is not None and not last_only:
             return self.out(y.transpose(1, 2).reshape(B * L, d).index_select(0, rows)), probs
         return self.out(y.transpose(1, 2).reshape(B, L, d)), probs
+
+    def _last_query(self, x: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+        """The last position's attention output, x [B, L, d] -> y [B, 1, d], with the key and
+        value projections folded into the one query (the absorption of DeepSeek-V2's MLA): per
+        head h, q_h . (W_k x_j + b_k) = (W_k^T q_h) . x_j + q_h . b_k and sum_j p_j (W_v x_j + b_v)
+        = W_v (sum_j p_j x_j) + b_v (the p_j sum to 1). So no [B, L, 2 d] keys and values are
+        computed: two batched products with x, O(B L d) instead of O(B L d^2). Same math as the
+        general path; float sums in another order. A sink's zero vectors have key b_k and value
+        b_v, so it is one more logit, q_h . b_k + log n, and adds nothing to sum_j p_j x_j."""
+        B, L, d = x.shape
+        h, dk = self.h, self.dk
+        w, b = self.qkv.weight.to(x.dtype), self.qkv.bias.to(x.dtype)
+        q = F.linear(x[:, -1], w[:d], b[:d]).view(B, h, dk)
+        wk, wv = w[d:2 * d].view(h, dk, d), w[2 * d:].view(h, dk, d)
+        scale = 1.0 / math.sqrt(dk)
+        qk = torch.einsum("bhk,hkd->bhd", q, wk) * scale  # [B, h, d]
+        c = (q * b[d:2 * d].view(h, dk)).sum(-1, keepdim=True) * scale  # [B, h, 1]: q_h . b_k
+        logits = torch.bmm(qk, x.transpose(1, 2)) + c  # [B, h, L]
+        m = mask[:, 0, -1]  # [B, L]: the last query's row
+        logits = logits.masked_fill(~m[:, None, :], float("-inf")) if m.dtype == torch.bool else logits + m[:, None, :]
+        if sink is not None:
+            logn = sink[:, -1].to(logits.dtype).log().view(B, 1, 1)
+            logits = torch.cat([c + logn, logits], -1)
+        p = logits.softmax(-1)  # [B, h, L (+ 1, the sink first)]
+        ctx = torch.bmm(p[..., -L:], x)  # [B, h, d]
+        y = torch.einsum("bhd,hkd->bhk", ctx, wv) + b[2 * d:].view(h, dk)
+        return self.out(y.reshape(B, 1, d))
 
 
 class Block(nn.Module):
