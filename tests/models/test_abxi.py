@@ -251,3 +251,28 @@ def test_the_packed_encoder_computes_the_padded_ones_numbers(extra):
     assert torch.allclose(a, b, rtol=1e-6)
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [{}, {"pad_sink": True}, {"packed": False}, {"positions": "first"}])
+@pytest.mark.parametrize("name", ["abxi", "abxi_gca"])
+def test_evaluation_mode_computes_training_modes_numbers(extra, name):
+    """Without dropout, training mode (padding rows zeroed, keys and values projected) and
+    evaluation mode (padding left as is, the folded last-position attention) give the same
+    valid states and the same scores."""
+    torch.manual_seed(0)
+    m = build_model(name, model_config(name, {**SMALL, "dropout": 0.0, **extra}, "merged"), VOCAB)
+    for p in m.parameters():
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    b = _batch()
+    with torch.no_grad():
+        m.train()
+        h_t, S_t = m.encode(b)
+        q_t = m.represent(h_t[:, -1], S_t[:, -1], b["target_domain"])
+        m.eval()
+        h_e, S_e = m.encode(b)
+        q_e, _, _ = m.score_parts(b)
+    valid = b["mask"]
+    assert torch.allclose(h_t[valid], h_e[valid], atol=1e-5)
+    assert torch.allclose(S_t[valid], S_e[valid], atol=1e-5)
+    assert torch.allclose(q_t, q_e, atol=1e-5)

@@ -97,6 +97,23 @@ def test_causality(name, extra, i):
     assert not torch.allclose(h[:, i + 1:], h2[:, i + 1:])
 
 
+@pytest.mark.parametrize("name,extra", [("dual_stream", {}), ("gca", {}), ("gca", {"gca_layers": [2]}),
+                                        ("gca", {"gca_layers": [0, 1, 2], "combine": "concat"})])
+def test_last_position_scoring_equals_the_full_encoding(name, extra):
+    """score_parts (last blocks on the last position, stream states at the window's end) gives
+    the representation of the full encoding's last position, also with a row that has no
+    event of a domain."""
+    m, b = _model(name, **extra), _batch()
+    b["domains"][2, :] = 0
+    b["items"][2, :] = torch.arange(1, 13)
+    b["target_domain"] = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        h, S = m.encode(b)
+        want = m.represent(h[:, -1], S[:, -1], b["target_domain"])
+        q, _, _ = m.score_parts(b)
+    assert torch.allclose(q, want, atol=1e-5)
+
+
 def test_only_gca_lets_a_stream_read_the_other_domain():
     """Changing one earlier B item changes the A-stream state only when GCA is on."""
     b = _batch(B=1, seed=3)

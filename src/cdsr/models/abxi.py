@@ -234,8 +234,14 @@ class ABXI(SeqRecModel):
             raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
         if self.cfg.positions == "first":
             pos = subsequence_positions(valid)
+        elif slots is None and not self.training:  # the merged stream's rows share their positions
+            pos = torch.arange(L - 1, -1, -1, device=items.device)
         else:
             pos = L - 1 - (torch.arange(L, device=items.device).expand_as(items) if slots is None else slots)
+        if not self.training:
+            # evaluation: padding rows are left as they are (item 0's zero embedding plus a
+            # position): every path reads them through masked keys only, which weigh nothing
+            return self.item_emb(items) + self.pos_emb(pos)
         return self.drop(self.item_emb(items) + self.pos_emb(pos)) * valid[..., None]
 
     def _block(self, x: torch.Tensor, valid: torch.Tensor, k: int, last_only: bool = False,

@@ -190,16 +190,20 @@ class DualStream(SeqRecModel):
     def _embed(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_emb(items) * math.sqrt(self.cfg.d)
 
-    def encode(self, batch: dict[str, torch.Tensor], stats: dict[int, torch.Tensor] | None = None):
+    def encode(self, batch: dict[str, torch.Tensor], stats: dict[int, torch.Tensor] | None = None,
+               last_only: bool = False):
         """-> (h^m [B, L, d], S [B, L, D, d]: each domain's stream state at the last event <= i).
 
-        ``stats``: GCA placement -> [D, 2] |cos| accumulators (see :class:`GCA`)."""
+        ``stats``: GCA placement -> [D, 2] |cos| accumulators (see :class:`GCA`). ``last_only``
+        (scoring): h^m [B, d] and S [B, D, d] at the window's end only; each encoder's last block
+        then computes its last position alone, unless a GCA after the last layer reads every
+        position of the other streams."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
         B, L = items.shape
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
         x = self._embed(items) + self.pos_emb.weight[-L:][None] + self.dom_emb(doms)
-        h_m, _ = self.merged(self.drop(x) * mask[..., None], attention_mask(mask, causal=True))
+        h_m, _ = self.merged(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only)
 
         D = self.vocab.n_domains
         layout = domain_streams(doms, mask, D)
@@ -217,11 +221,16 @@ class DualStream(SeqRecModel):
             return self.gca[str(k)](xs, midx, valid, None if stats is None else stats.setdefault(k, x.new_zeros(D, 2)))
 
         xs = cross(0, xs)
-        for layer in range(self.cfg.layers):
-            xs = [self.streams[a].blocks[layer](xs[a], masks[a])[0] for a in range(D)]
+        n = self.cfg.layers
+        last_block = last_only and str(n) not in self.gca
+        for layer in range(n):
+            xs = [self.streams[a].blocks[layer](xs[a], masks[a], last_only=last_block and layer == n - 1)[0]
+                  for a in range(D)]
             xs = cross(layer + 1, xs)
         xs = [self.streams[a].ln(xs[a]) for a in range(D)]
-
+        if last_only:  # a right-aligned stream's state at the window's end: its last entry, if any
+            S = torch.stack([torch.where(v[:, -1:], x[:, -1], self.empty[a]) for a, (x, v) in enumerate(zip(xs, valid))], 1)
+            return h_m[:, -1], S
         S = stream_states(xs, layout, doms, mask, self.empty)
         return h_m, S
 
@@ -239,8 +248,8 @@ class DualStream(SeqRecModel):
                                             self.vocab.domain_ranges)}
 
     def score_parts(self, batch: dict[str, torch.Tensor]):
-        h_m, S = self.encode(batch)
-        return self.represent(h_m[:, -1], S[:, -1], batch["target_domain"].to(h_m.device)), self.item_emb.weight, None
+        h_m, S = self.encode(batch, last_only=True)
+        return self.represent(h_m, S, batch["target_domain"].to(h_m.device)), self.item_emb.weight, None
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:
         q, table, _ = self.score_parts(batch)
