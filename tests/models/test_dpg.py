@@ -215,3 +215,16 @@ def test_short_training_run_logs_each_loss_term_and_beats_random(tmp_path, tiny_
         evaluate_run(run, ["full"], model_sets=["model.d=8"])
     with pytest.raises(ConfigError, match="only model"):
         evaluate_run(run, ["full"], model_sets=["train.lr=0.1"])
+
+
+@pytest.mark.parametrize("D", [2, 3])
+def test_last_position_encoders_equal_the_full_ones(D):
+    """Scoring's encoders (last blocks on the last position, stream states at the window's end)
+    give the full encoders' last position, also for a row without an event of some domain."""
+    m, b = _model(VOCAB3 if D == 3 else VOCAB), _batch(D=D)
+    b["domains"][2, :] = 0
+    b["items"][2, :] = torch.arange(1, 13)
+    args = (b["items"], b["domains"], b["mask"])
+    with torch.no_grad():
+        assert torch.allclose(m.encode_c(*args, last_only=True)[:, -1], m.encode_c(*args)[:, -1], atol=1e-5)
+        assert torch.allclose(m.domain_states(*args, last_only=True), m.domain_states(*args)[:, -1], atol=1e-5)

@@ -79,6 +79,7 @@ from cdsr.models.layers import (
     domain_softmax_loss,
     domain_streams,
     dot_scores,
+    last_stream_states,
     loss_weights,
     sample_domain_negatives,
     sampled_softmax_loss,
@@ -355,8 +356,7 @@ class ABXI(SeqRecModel):
         hx = self._block(self._embed(items, mask), mask, 0, last_only=True)[:, 0]
         layout = domain_streams(doms, mask, self.vocab.n_domains)
         xs = self._domain_streams(items, doms, mask, layout, last_only=True)
-        S = torch.stack([torch.where(v[:, -1:], x[:, -1], self.empty[a]) for a, (x, (_, v)) in enumerate(zip(xs, layout))], 1)
-        return self.represent(hx, S, batch["target_domain"]), self.item_emb.weight, None
+        return self.represent(hx, last_stream_states(xs, layout, self.empty), batch["target_domain"]), self.item_emb.weight, None
 
     def epoch_diagnostics(self, data, eval_cfg, device) -> dict[str, float]:
         """With GCA: its |cos(X, X')| and gates on the validation histories (the loop's hook)."""

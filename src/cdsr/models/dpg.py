@@ -73,6 +73,7 @@ from cdsr.models.layers import (
     domain_softmax_loss,
     domain_streams,
     dot_scores,
+    last_stream_states,
     stream_states,
     subsequence_positions,
 )
@@ -194,20 +195,28 @@ class DPGDiff(SeqRecModel):
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
 
-    def encode_c(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder_c: [B, L] -> h [B, L, d] (causal: h_i sees events <= i); x_0 at i is h_i."""
+    def encode_c(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        """Encoder_c: [B, L] -> h [B, L, d] (causal: h_i sees events <= i); x_0 at i is h_i.
+        ``last_only``: [B, 1, d], the last position (its last block computes it alone)."""
         self._check_len(items.shape[1])
         x = self._embed(items) + self.pos_emb.weight[-items.shape[1]:][None] + self.dom_emb(domains)
-        return self.encoder_c(self.drop(x) * mask[..., None], attention_mask(mask, causal=True))[0]
+        return self.encoder_c(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only)[0]
 
-    def domain_states(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The disentangled encoder: [B, L] -> S [B, L, D, d], g_a at the last a-event <= i."""
+    def domain_states(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor,
+                      last_only: bool = False) -> torch.Tensor:
+        """The disentangled encoder: [B, L] -> S [B, L, D, d], g_a at the last a-event <= i.
+        ``last_only``: S [B, D, d] at the window's end, a right-aligned stream's last entry (or
+        ``empty``), its last block computing that position alone."""
         self._check_len(items.shape[1])
         layout = domain_streams(domains, mask, self.vocab.n_domains)
         xs = []
         for a, (order, valid) in enumerate(layout):
             x = self._embed(items.gather(1, order)) + self.stream_pos[a](subsequence_positions(valid))
-            xs.append(self.streams[a](self.drop(x) * valid[..., None], attention_mask(valid, causal=True))[0])
+            xs.append(self.streams[a](self.drop(x) * valid[..., None], attention_mask(valid, causal=True),
+                                      last_only=last_only)[0])
+        if last_only:
+            return last_stream_states(xs, layout, self.empty)
         return stream_states(xs, layout, domains, mask, self.empty)
 
     def guidance(self, S: torch.Tensor, tdom: torch.Tensor):
@@ -263,11 +272,11 @@ class DPGDiff(SeqRecModel):
         """[B, d] the denoised user at the last position, for the requested domain; ``parts``:
         also return (x_0, g_t, g_o) [B, d] (the collapse checks of :meth:`guidance_stats`)."""
         items, doms, mask = batch["items"], batch["domains"], batch["mask"]
-        x0 = self.encode_c(items, doms, mask)[:, -1]
+        x0 = self.encode_c(items, doms, mask, last_only=True)[:, -1]
         t_inf = self.cfg.t_inf if t_inf is None else t_inf
         if t_inf == 0 and not parts:
             return x0
-        guide = self.guidance(self.domain_states(items, doms, mask)[:, -1], batch["target_domain"].to(x0.device))
+        guide = self.guidance(self.domain_states(items, doms, mask, last_only=True), batch["target_domain"].to(x0.device))
         out = x0
         if t_inf > 0:
             gen = torch.Generator().manual_seed(self.cfg.inference_seed)

@@ -71,6 +71,7 @@ from cdsr.models.layers import (  # noqa: F401  (domain_streams, stream_slots: r
     domain_softmax_loss,
     domain_streams,
     dot_scores,
+    last_stream_states,
     stream_slots,
     stream_states,
     subsequence_positions,
@@ -229,8 +230,7 @@ class DualStream(SeqRecModel):
             xs = cross(layer + 1, xs)
         xs = [self.streams[a].ln(xs[a]) for a in range(D)]
         if last_only:  # a right-aligned stream's state at the window's end: its last entry, if any
-            S = torch.stack([torch.where(v[:, -1:], x[:, -1], self.empty[a]) for a, (x, v) in enumerate(zip(xs, valid))], 1)
-            return h_m[:, -1], S
+            return h_m[:, -1], last_stream_states(xs, layout, self.empty)
         S = stream_states(xs, layout, doms, mask, self.empty)
         return h_m, S
 

@@ -542,6 +542,14 @@ def subsequence_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
+def last_stream_states(xs: list[torch.Tensor], layout: list[tuple[torch.Tensor, torch.Tensor]],
+                       empty: torch.Tensor) -> torch.Tensor:
+    """[B, D, d]: :func:`stream_states` at the merged window's end only. A right-aligned stream's
+    state there is its last entry; ``empty[a]`` where domain a has no event in the window. xs
+    may hold the last entry alone ([B, 1, d], a last-position encoder)."""
+    return torch.stack([torch.where(v[:, -1:], x[:, -1], empty[a]) for a, (x, (_, v)) in enumerate(zip(xs, layout))], 1)
+
+
 def stream_states(xs: list[torch.Tensor], layout: list[tuple[torch.Tensor, torch.Tensor]], domains: torch.Tensor,
                   valid: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """[B, L, D, d]: each domain stream's state at its last event <= merged position i.
