@@ -172,7 +172,9 @@ def test_last_position_encoder_equals_the_full_one(name):
         full = net.score(batch, None)
         if name in ("sasrec", "autocdsr_sasrec"):
             h, _ = net.encode(batch)
-            assert torch.allclose(q, h[:, -1], atol=1e-5)
+        else:  # the masked-item models: the history and the [MASK] slot, every position encoded
+            h, _ = net.encode(*net.inference_inputs(batch))
+        assert torch.allclose(q, h[:, -1], atol=1e-5)
     ref = q @ table.T + (0 if bias is None else bias)
     assert torch.allclose(full[:, 1:], ref[:, 1:], atol=1e-5) and torch.isinf(full[:, 0]).all()
 

@@ -254,8 +254,9 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
     def encode(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor, need_probs: bool = False,
                last_only: bool = False):
         """items/domains/mask [B, L'] -> (h [B, L', d] at the item positions, probs per layer
-        [B, h, T, T] over all T = D*K + L' tokens, IB tokens first). ``last_only`` is accepted
-        and every position computed (the IB merge between blocks reads them all)."""
+        [B, h, T, T] over all T = D*K + L' tokens, IB tokens first). ``last_only``: h [B, 1, d];
+        only the last block computes the last position alone (the IB merge between blocks reads
+        every position)."""
         B = items.shape[0]
         domains = self.input_domains(items, domains)
         x_items = self.embed(items, domains, mask)
@@ -267,12 +268,12 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
         probs = []
         blocks = self.encoder.blocks
         for i, blk in enumerate(blocks):
-            x, p = blk(x, am, need_probs)
+            x, p = blk(x, am, need_probs, last_only and i == len(blocks) - 1)
             probs.append(p)
             if self.cfg.ib_sync and i < len(blocks) - 1:
                 x = self._sync_ib(x)
         h = self.encoder.ln(x)
-        return self.head(h[:, self.n_ib:]), probs
+        return self.head(h if last_only else h[:, self.n_ib:]), probs
 
     def _aux_mass(self, probs, domains, mask):
         """AutoCDSR+'s objective: the attention mass of item queries onto the IB tokens."""
