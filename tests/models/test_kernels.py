@@ -205,6 +205,27 @@ def test_last_query_attention_equals_the_general_path(causal, with_sink):
     assert mha(x, mask, last_only=True, sink=sink)[0].shape == (4, 1, 12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_evaluation_encoder_on_valid_rows_gives_the_padded_numbers(causal):
+    """In evaluation the blocks compute the valid rows alone (padding rows come out zero): the
+    valid rows, the probabilities of valid queries and the last position are the padded path's."""
+    torch.manual_seed(0)
+    enc = L.Encoder(12, 2, 3, 0.0)
+    x = torch.randn(4, 6, 12)
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[3, 2] = False
+    mask = L.attention_mask(valid, causal=causal)
+    with torch.no_grad():
+        want, want_p = enc.train()(x, mask, need_probs=True)  # dropout 0: the padded path's numbers
+        got, got_p = enc.eval()(x, mask, need_probs=True, valid=valid)
+        last, _ = enc(x, mask, last_only=True, valid=valid)
+    assert torch.allclose(got[valid], want[valid], atol=1e-5)
+    assert torch.allclose(got_p[1][valid[:, None, :, None].expand_as(got_p[1]) & mask.expand_as(got_p[1])],
+                          want_p[1][valid[:, None, :, None].expand_as(want_p[1]) & mask.expand_as(want_p[1])], atol=1e-5)
+    assert torch.allclose(last[:, 0], want[:, -1], atol=1e-5)
+
+
 def test_amp_dtype_follows_the_device():
     from cdsr.train.config import amp_dtype
 

@@ -268,7 +268,7 @@ class AutoCDSRPlus(AutoCDSRBERT4Rec):
         probs = []
         blocks = self.encoder.blocks
         for i, blk in enumerate(blocks):
-            x, p = blk(x, am, need_probs, last_only and i == len(blocks) - 1)
+            x, p = blk(x, am, need_probs, last_only and i == len(blocks) - 1, valid)
             probs.append(p)
             if self.cfg.ib_sync and i < len(blocks) - 1:
                 x = self._sync_ib(x)

@@ -69,7 +69,7 @@ class BERT4Rec(SeqRecModel):
         """items/domains/mask [B, L'] (L' <= max_len + 1) -> (h [B, L', d] (``last_only``: [B, 1, d]),
         probs). Bidirectional."""
         h, probs = self.encoder(self.embed(items, domains, mask), attention_mask(mask, causal=False), need_probs,
-                                last_only)
+                                last_only, valid=mask)
         return self.head(h), probs
 
     def cloze(self, batch: dict[str, torch.Tensor]):

@@ -201,7 +201,8 @@ class DPGDiff(SeqRecModel):
         ``last_only``: [B, 1, d], the last position (its last block computes it alone)."""
         self._check_len(items.shape[1])
         x = self._embed(items) + self.pos_emb.weight[-items.shape[1]:][None] + self.dom_emb(domains)
-        return self.encoder_c(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only)[0]
+        return self.encoder_c(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only,
+                              valid=mask)[0]
 
     def domain_states(self, items: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor,
                       last_only: bool = False) -> torch.Tensor:
@@ -214,7 +215,7 @@ class DPGDiff(SeqRecModel):
         for a, (order, valid) in enumerate(layout):
             x = self._embed(items.gather(1, order)) + self.stream_pos[a](subsequence_positions(valid))
             xs.append(self.streams[a](self.drop(x) * valid[..., None], attention_mask(valid, causal=True),
-                                      last_only=last_only)[0])
+                                      last_only=last_only, valid=valid)[0])
         if last_only:
             return last_stream_states(xs, layout, self.empty)
         return stream_states(xs, layout, domains, mask, self.empty)

@@ -204,7 +204,8 @@ class DualStream(SeqRecModel):
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} > max_len {self.cfg.max_len}")
         x = self._embed(items) + self.pos_emb.weight[-L:][None] + self.dom_emb(doms)
-        h_m, _ = self.merged(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only)
+        h_m, _ = self.merged(self.drop(x) * mask[..., None], attention_mask(mask, causal=True), last_only=last_only,
+                             valid=mask)
 
         D = self.vocab.n_domains
         layout = domain_streams(doms, mask, D)
@@ -225,7 +226,7 @@ class DualStream(SeqRecModel):
         n = self.cfg.layers
         last_block = last_only and str(n) not in self.gca
         for layer in range(n):
-            xs = [self.streams[a].blocks[layer](xs[a], masks[a], last_only=last_block and layer == n - 1)[0]
+            xs = [self.streams[a].blocks[layer](xs[a], masks[a], last_only=last_block and layer == n - 1, valid=valid[a])[0]
                   for a in range(D)]
             xs = cross(layer + 1, xs)
         xs = [self.streams[a].ln(xs[a]) for a in range(D)]

@@ -178,9 +178,20 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, d))
         self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False,
+                valid: torch.Tensor | None = None):
         """``last_only``: the output of the last position only ([B, 1, d]); it still reads
-        every position as keys and values."""
+        every position as keys and values. ``valid`` [B, L] (evaluation only): the LayerNorms,
+        projections and FFN run on the valid rows alone, and the other rows come out zero
+        (only masked keys read them)."""
+        if valid is not None and not last_only and not self.training:
+            B, L, d = x.shape
+            rows = valid.reshape(-1).nonzero().squeeze(1)
+            xv = x.reshape(B * L, d).index_select(0, rows)
+            a, probs = self.attn(self.ln1(xv), mask, need_probs, rows=rows)
+            xv = xv + a
+            xv = xv + self.ffn(self.ln2(xv))
+            return xv.new_zeros(B * L, d).index_copy(0, rows, xv).view(B, L, d), probs
         a, probs = self.attn(self.ln1(x), mask, need_probs, last_only)
         x = (x[:, -1:] if last_only else x) + self.drop(a)
         return x + self.drop(self.ffn(self.ln2(x))), probs
@@ -194,13 +205,15 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads, dropout, ffn_dim=ffn_dim) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False,
+                valid: torch.Tensor | None = None):
         """``last_only`` (scoring the next item): h [B, 1, d] of the last position, which the
         last block computes alone (its other outputs feed nothing): about half the work of a
-        2-block encoder."""
+        2-block encoder. ``valid`` [B, L]: in evaluation the other blocks compute the valid
+        rows only (:class:`Block`)."""
         probs = []
         for k, blk in enumerate(self.blocks):
-            x, p = blk(x, mask, need_probs, last_only and k == len(self.blocks) - 1)
+            x, p = blk(x, mask, need_probs, last_only and k == len(self.blocks) - 1, valid)
             probs.append(p)
         return self.ln(x), probs
 

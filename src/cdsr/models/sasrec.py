@@ -73,7 +73,7 @@ class SASRec(SeqRecModel):
         if self.dom_emb is not None:
             x = x + self.dom_emb(batch["domains"])
         x = self.drop(x) * mask[..., None]
-        return self.encoder(x, attention_mask(mask, causal=True), need_probs, last_only)
+        return self.encoder(x, attention_mask(mask, causal=True), need_probs, last_only, valid=mask)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h, _ = self.encode(batch)
