@@ -181,16 +181,21 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, need_probs: bool = False, last_only: bool = False,
                 valid: torch.Tensor | None = None):
         """``last_only``: the output of the last position only ([B, 1, d]); it still reads
-        every position as keys and values. ``valid`` [B, L] (evaluation only): the LayerNorms,
-        projections and FFN run on the valid rows alone, and the other rows come out zero
-        (only masked keys read them)."""
-        if valid is not None and not last_only and not self.training:
+        every position as keys and values. ``valid`` [B, L]: the LayerNorms, projections and
+        FFN run on the valid rows alone (attention itself keeps the padded layout), and the other
+        rows come out zero (only masked keys read them). The same numbers at the valid rows,
+        dropout masks included (:func:`dropout_rows` draws them for the padded shape)."""
+        if valid is not None and not last_only:
             B, L, d = x.shape
             rows = valid.reshape(-1).nonzero().squeeze(1)
             xv = x.reshape(B * L, d).index_select(0, rows)
             a, probs = self.attn(self.ln1(xv), mask, need_probs, rows=rows)
-            xv = xv + a
-            xv = xv + self.ffn(self.ln2(xv))
+            p, train = self.drop.p, self.training
+            xv = xv + dropout_rows(a, p, train, rows, (B * L, d))
+            lin1, act, ffn_drop, lin2 = self.ffn
+            hid = act(lin1(self.ln2(xv)))
+            hid = dropout_rows(hid, ffn_drop.p, train, rows, (B * L, hid.shape[-1]))
+            xv = xv + dropout_rows(lin2(hid), p, train, rows, (B * L, d))
             return xv.new_zeros(B * L, d).index_copy(0, rows, xv).view(B, L, d), probs
         a, probs = self.attn(self.ln1(x), mask, need_probs, last_only)
         x = (x[:, -1:] if last_only else x) + self.drop(a)
