@@ -13,15 +13,16 @@ import cdsr  # noqa: F401
 from prefect import flow, task
 
 from cdsr.config import from_dict, load_params
+from cdsr.evaluate.protocols import EvalConfig
 from cdsr.track import tracking
 from cdsr.track.registry import PromoteConfig, promote
 
 
 @task(name="promote", task_run_name="{dataset}:promote", retries=2, retry_delay_seconds=1)
 def promote_task(dataset: str, cfg: PromoteConfig, tcfg: tracking.TrackingConfig, metrics_dir: str,
-                 data_root: str) -> dict:
+                 data_root: str, eval_cfg: EvalConfig) -> dict:
     # retried: a busy sqlite store ("database is locked") clears up; the decision is idempotent
-    return promote(dataset, cfg, Path(metrics_dir), data_root, tcfg)
+    return promote(dataset, cfg, Path(metrics_dir), data_root, tcfg, eval_cfg)
 
 
 @flow(name="promote", flow_run_name="promote-{dataset}")
@@ -32,7 +33,8 @@ def promote_flow(dataset: str, params_path: str | None = None, metrics_dir: str 
     params = load_params(params_path)
     cfg = from_dict(PromoteConfig, params.get("promote"), "promote")
     tcfg = tracking.tracking_config(params)
-    decision = promote_task(dataset, cfg, tcfg, metrics_dir, data_root)
+    eval_cfg = from_dict(EvalConfig, params.get("evaluate"), "evaluate")  # how a champion is re-scored
+    decision = promote_task(dataset, cfg, tcfg, metrics_dir, data_root, eval_cfg)
     if out:
         write_decision(decision, Path(out))
     return decision

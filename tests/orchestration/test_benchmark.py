@@ -294,13 +294,56 @@ def test_candidates_that_cannot_be_compared_like_for_like_are_refused(bench, tin
     assert d["decision"] == "refused" and not d["promoted"] and d["candidate_version"] is None
     assert "validated under 'sampled-100'" in d["reason"] and "trained on data version 00000000" in d["reason"]
 
-    # a champion validated on another build of the data cannot be compared with anything
+    # a champion validated on another build that cannot be read: re-scoring fails, so refused
     root = tmp_path / "data"
     shutil.copytree(tiny_root / "t", root / "t")
     with open(root / "t" / "processed" / "split.parquet", "ab") as f:
         f.write(b"\0")
     d = _promote(tmp, params, "like", data_root=root, methods=[best])
-    assert d["decision"] == "refused" and "validated on data version" in d["reason"]
+    assert d["decision"] == "refused" and "could not be re-scored" in d["reason"]
+
+
+def test_after_a_refresh_the_champion_is_rescored_and_compared_like_for_like(bench, tiny_root, tmp_path):
+    """A rebuild with 15% more users (a new data version): the champion's registered model is
+    re-scored on the new validation split (logged once, reused), and the new benchmark's best is
+    compared with that value: promoted or rejected, never refused for the data version."""
+    from helpers import TINY, make_cfg
+    from mlflow import MlflowClient
+
+    from cdsr.data.build import build
+    from cdsr.track.tracking import data_version
+    from flows.benchmark import run_benchmark
+
+    tmp, _, params = bench
+    (best, _, _), _ = _ranked(tmp, params)[:2]
+    assert _promote(tmp, params, "refresh", data_root=tiny_root, methods=[best])["promoted"]
+    root = tmp_path / "data"
+    build(make_cfg(**{**TINY, "generator": {**TINY["generator"], "users": 230}}), root, log=lambda s: None)
+    new = data_version("t", root)["split.parquet"]
+    assert new != data_version("t", tiny_root)["split.parquet"]
+    params2 = _params(tmp_path, methods=["sasrec", "bert4rec"])
+    params2["mlflow"] = params["mlflow"]
+    run_benchmark("t", str(_write(tmp_path, params2)), str(root))
+
+    # a margin no model can pass first: rejected after the re-score, which a second call reuses
+    d = _promote(tmp_path, params2, "refresh", data_root=root, margin=1.0)
+    assert d["decision"] == "rejected" and not d["promoted"], d
+    assert d["champion_data_version"] == new and d["basis"]["data_version"] == new
+    assert d["champion_promoted_on_data_version"] != new and d["champion_value_at_promotion"] is not None
+    r = d["champion_rescore"]
+    assert r["targets"] > 0 and 0 <= r["unseen_targets"] <= r["targets"]
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    run = client.get_run(d["champion_rescore_run_id"])
+    assert run.data.tags["cdsr.kind"] == "rescore" and run.data.tags["data_version"] == new
+    assert run.data.metrics["valid/full/overall/NDCG_10"] == pytest.approx(d["champion_value"])
+    again = _promote(tmp_path, params2, "refresh", data_root=root, margin=1.0)
+    assert again["champion_rescore_run_id"] == d["champion_rescore_run_id"]
+    assert again["champion_value"] == d["champion_value"]
+    # the configured margin: a like-for-like decision on the new build
+    d = _promote(tmp_path, params2, "refresh", data_root=root)
+    assert d["decision"] in ("promoted", "rejected") and d["champion_value"] == again["champion_value"]
+    assert d["promoted"] == (d["candidate_value"] > d["champion_value"])
+    assert d["reason"].startswith("NDCG@10 (full)")
 
 
 def test_promotion_refuses_data_that_failed_validation(bench, tiny_root, tmp_path):

@@ -5,7 +5,10 @@ terms never becomes champion. The terms (the *basis* of the comparison) are one 
 one evaluation protocol, on the validation split of one version of the data:
 
 - with a champion, the basis is the champion's: the ``val_metric``, ``val_protocol`` and
-  ``data_version`` tags of the champion's MLflow run;
+  ``data_version`` tags of the champion's MLflow run; when the data has been rebuilt since (a
+  refresh: another ``data_version``), the champion's registered model is first re-scored on the
+  current build's validation split under that metric and protocol (:mod:`cdsr.track.rescore`,
+  logged to the tracking store), and that value on the current version is the basis;
 - without one, the candidates' own (they must agree) on the current build of the dataset.
 
 Every number in the decision is read from the tracking store (the ``valid/<protocol>/overall/
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cdsr.config import ConfigError, check_dataset_name
+from cdsr.evaluate.protocols import EvalConfig
 from cdsr.evaluate.results import read_tracked
 from cdsr.track import tracking
 
@@ -183,10 +187,11 @@ def _file_disagreements(cands: list[Candidate], client) -> list[str]:
     return out
 
 
-def _basis(client, name: str, cands: list[Candidate], current: str, decision: dict[str, Any]):
+def _basis(client, name: str, cands: list[Candidate], current: str, decision: dict[str, Any], ctx: dict[str, Any]):
     """``(champion version or None, its value, the basis to compare on, None)``, or
     ``(..., reason)`` when nothing can be compared like for like (adds the champion's figures to
-    ``decision``)."""
+    ``decision``). A champion validated on another build of the data is re-scored on this one
+    (``ctx``: dataset, data_root, eval_cfg, tcfg)."""
     champ = _champion(client, name)
     if champ is None:
         bases = {}
@@ -210,11 +215,30 @@ def _basis(client, name: str, cands: list[Candidate], current: str, decision: di
     if value is None:
         return champ, None, basis, f"the champion's run {champ.run_id} has no {basis.key} metric in the tracking store"
     if basis.data_version != current:
-        return champ, value, basis, (
-            f"the champion (version {champ.version}) was validated on data version {basis.data_version[:8]}, the "
-            f"dataset is now at {current[:8]}: its value and the candidates' come from different validation splits "
-            "and cannot be compared")
+        return _rescored_basis(client, name, champ, basis, value, current, ctx, decision)
     return champ, value, basis, None
+
+
+def _rescored_basis(client, name: str, champ, basis: Basis, value: float, current: str, ctx: dict[str, Any],
+                    decision: dict[str, Any]):
+    """A champion validated on another build: its value re-scored on the current one
+    (:mod:`cdsr.track.rescore`), which becomes the basis; ``decision`` keeps both values."""
+    from cdsr.track.rescore import rescored
+
+    try:
+        r = rescored(client, name, champ, ctx["dataset"], ctx["data_root"], current, basis.metric, basis.protocol,
+                     ctx["eval_cfg"], ctx["tcfg"])
+    except Exception as exc:  # noqa: BLE001 (any failure to load or score the model refuses, with its reason)
+        return champ, value, basis, (
+            f"the champion (version {champ.version}) was validated on data version {basis.data_version[:8]} and "
+            f"could not be re-scored on {current[:8]} ({type(exc).__name__}: {exc}): nothing can be compared with it")
+    decision.update(champion_value=r.value, champion_data_version=current, champion_value_at_promotion=value,
+                    champion_promoted_on_data_version=basis.data_version, champion_rescore_run_id=r.run_id,
+                    champion_rescore={"targets": r.targets, "unseen_targets": r.unseen_targets,
+                                      "unseen_items": r.unseen_items,
+                                      "dropped_history_events": r.dropped_history_events})
+    client.set_model_version_tag(name, champ.version, f"rescore.{current[:8]}", f"{r.value} (run {r.run_id})")
+    return champ, r.value, Basis(basis.metric, basis.protocol, current), None
 
 
 def _register(client, name: str, dataset: str, best: Candidate, basis: Basis):
@@ -253,7 +277,7 @@ def _gate(decision: dict[str, Any], cfg: PromoteConfig, champ, champ_value: floa
 
 
 def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"), data_root: str | Path = "data",
-            tcfg: tracking.TrackingConfig | None = None) -> dict[str, Any]:
+            tcfg: tracking.TrackingConfig | None = None, eval_cfg: EvalConfig | None = None) -> dict[str, Any]:
     """Register the best comparable candidate and move ``champion`` to it if it passes the gate.
 
     Returns the decision; ``decision`` is ``promoted``, ``rejected`` (compared and not better by
@@ -281,7 +305,8 @@ def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"
                         candidate_version=None, candidates=[_summary(c) for c in cands])
         return decision
 
-    champ, champ_value, basis, problem = _basis(client, name, cands, current, decision)
+    ctx = {"dataset": dataset, "data_root": data_root, "eval_cfg": eval_cfg or EvalConfig(), "tcfg": tcfg}
+    champ, champ_value, basis, problem = _basis(client, name, cands, current, decision, ctx)
     if problem is not None:
         return refuse(problem)
     decision.update(metric=basis.metric, basis=asdict(basis) | {"split": SPLIT})
