@@ -119,6 +119,10 @@ def benchmark(dataset: str, params_path: str | None = None, data_root: str = "da
     """Returns ``{method: {"ok": True, "metrics": path} | {"ok": False, "error": message}}``."""
     params = load_params(params_path)
     cfg = bm.benchmark_config(params, methods)
+    ok, why = tracking.validation_passed(dataset, data_root)
+    if cfg.require_validation and not ok:
+        raise RuntimeError(f"benchmark of {dataset}: data validation failed ({why}); nothing is trained and the "
+                           "champion stays (rejected rows: the build's quarantine; benchmark.require_validation)")
     parent = _parent_run(dataset, params, cfg)
     if executor == "work-pool":
         results = _fan_out(dataset, params_path, data_root, cfg, parent, command, deployment)

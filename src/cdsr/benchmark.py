@@ -61,6 +61,9 @@ class BenchmarkConfig:
     plots_dir: str = "plots"
     tuned_dir: str = "tuned"
     fail_on_error: bool = True  # the flow fails (after writing the others' results) if a method failed
+    # the flow fails before any training when the dataset's last data validation failed (a
+    # refresh with a corrupt batch): the champion stays, and its rows are in quarantine
+    require_validation: bool = True
     # per-method --set style overrides for this benchmark only, e.g. {gca: [model.layers=1]}
     # (smaller settings in the default repro); tuned values are applied after them
     overrides: dict[str, list[str]] = field(default_factory=dict)

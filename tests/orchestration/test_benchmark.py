@@ -358,6 +358,29 @@ def test_promotion_refuses_data_that_failed_validation(bench, tiny_root, tmp_pat
     assert not d["promoted"] and "data validation failed" in d["reason"]
 
 
+def test_a_refresh_that_failed_validation_trains_nothing(tiny_root, tmp_path):
+    """The retrain stops before any training (a failed flow run, with the reason) when the new
+    build's data validation failed; the champion is untouched."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+
+    from flows.benchmark import run_benchmark
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "t", root / "t")
+    report = root / "t" / "interim" / "validation" / "validation.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "success": False}))
+    params = _params(tmp_path, methods=["sasrec"])
+    with pytest.raises(RuntimeError, match=r"data validation failed .*interim.*reports failure.*nothing is trained"):
+        run_benchmark("t", str(_write(tmp_path, params)), str(root))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "metrics").exists()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=5, sort="START_TIME_DESC")
+    assert any(r.name == "benchmark-t" and r.state.is_failed() and "data validation failed" in (r.state.message or "")
+               for r in runs)
+
+
 @pytest.mark.timeout(600)
 def test_killed_benchmark_resumes_from_checkpoint_and_keeps_finished_work(tmp_path, tiny_root):
     """Kill the flow while bert4rec trains (sasrec already done), rerun: sasrec is not retrained
