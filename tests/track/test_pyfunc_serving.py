@@ -437,3 +437,27 @@ def test_cdsr_serve_limits_over_http(cdsr_server, catalogue):
     assert "CDSR_SERVE_MAX_HISTORY" in body["message"]
     ok()  # the server survived all of it
     assert proc.poll() is None
+
+
+def test_models_are_logged_from_code_and_pickled_versions_still_load(champion, champion_model, store, catalogue,
+                                                                     tmp_path):
+    """The logged pyfunc is code (MLflow models-from-code): no pickled object in its artifacts.
+    A version logged the older way (a cloudpickled CDSRRecommender) loads and answers alike."""
+    import mlflow
+
+    from cdsr.track.pyfunc import CDSRRecommender
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "new")))
+    assert not list(local.rglob("*.pkl")) and (local / "pyfunc_model.py").exists()
+    assert "pyfunc_model.py" in (local / "MLmodel").read_text()
+    with mlflow.start_run(experiment_id=store[1]):
+        old = mlflow.pyfunc.log_model(name="old-style", python_model=CDSRRecommender(),
+                                      artifacts={"run": str(local / "artifacts" / "run")},
+                                      code_paths=[str(local / "code" / "cdsr")])
+    old_local = Path(mlflow.artifacts.download_artifacts(old.model_uri, dst_path=str(tmp_path / "old")))
+    assert list(old_local.rglob("python_model.pkl"))
+    idx, dom, ids, doms, ts = _history(catalogue, user=5, n=8)
+    req = pd.DataFrame([{"item_ids": ids, "domains": doms, "timestamps": ts, "target_domain": "Books", "k": 5}])
+    want = champion_model.predict(req)
+    got = mlflow.pyfunc.load_model(old.model_uri).predict(req)
+    assert got["item_ids"].tolist() == want["item_ids"].tolist()

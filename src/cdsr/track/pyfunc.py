@@ -352,7 +352,7 @@ def log_pyfunc(run_dir: Path, items_parquet: Path, name: str = "model",
         shutil.copytree(Path(cdsr.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=CDSRRecommender(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models-from-code: no pickle
             artifacts={"run": str(stage)},
             code_paths=[str(code)],
             pip_requirements=_requirements(),
