@@ -166,6 +166,13 @@ def test_promotion_is_gated_recorded_and_idempotent(bench, tiny_root):
     assert d["basis"] == {"metric": "NDCG@10", "protocol": "full", "data_version": d["data_version"], "split": "valid"}
     champ = client.get_model_version_by_alias("gate-t", "champion")
     assert champ.run_id == best_run and champ.tags["promotion.decision"] == "promoted"
+    # its model card: the version's description and an artifact of its run, from the run's records
+    card = champ.description
+    for part in ("# gate-t version 1", f"data version `{d['data_version']}`", "## Intended use", "## Limitations",
+                 "## Robustness", "| valid | `full` |", "| test | `sampled-100` |", f"{best_v:.4f}", "seed 42"):
+        assert part in card, part
+    assert client.download_artifacts(best_run, "model_card.md") and \
+        Path(client.download_artifacts(best_run, "model_card.md")).read_text() == card
 
     again = _promote(tmp, params, "gate", data_root=tiny_root)  # same inputs: nothing moves, no new version
     assert again["decision"] == "already-champion" and not again["promoted"]

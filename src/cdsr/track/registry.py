@@ -241,10 +241,13 @@ def _rescored_basis(client, name: str, champ, basis: Basis, value: float, curren
     return champ, r.value, Basis(basis.metric, basis.protocol, current), None
 
 
-def _register(client, name: str, dataset: str, best: Candidate, basis: Basis):
-    """The model version of ``best``'s run (registered now unless it already is)."""
+def _register(client, name: str, dataset: str, best: Candidate, basis: Basis, data_root: str | Path = "data"):
+    """The model version of ``best``'s run (registered now unless it already is, with its model
+    card as the version's description and the run's ``model_card.md``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from cdsr.track.model_card import model_card
 
     try:
         client.get_registered_model(name)
@@ -256,6 +259,9 @@ def _register(client, name: str, dataset: str, best: Candidate, basis: Basis):
                                         tags={"method": best.method, "val_metric": basis.metric,
                                               "val_protocol": basis.protocol, "val_value": str(best.value),
                                               "data_version": basis.data_version})
+        card = model_card(client.get_run(best.run_id), name, str(version.version), data_root)
+        client.update_model_version(name, version.version, description=card)
+        client.log_text(best.run_id, card, "model_card.md")
     return version
 
 
@@ -317,7 +323,7 @@ def promote(dataset: str, cfg: PromoteConfig, metrics_dir: Path = Path("metrics"
         return refuse(f"no candidate can be compared on {basis}: " + "; ".join(f"{c.method}: {c.problem}" for c in cands))
     best = comparable[0]
     decision["candidates"] = [_summary(c) for c in cands]
-    version = _register(client, name, dataset, best, basis)
+    version = _register(client, name, dataset, best, basis, data_root)
     decision.update(candidate_method=best.method, candidate_version=str(version.version), candidate_run_id=best.run_id,
                     candidate_value=best.value)
     _gate(decision, cfg, champ, champ_value, best, version, basis, valid)
