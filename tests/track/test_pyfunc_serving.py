@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -461,3 +462,61 @@ def test_models_are_logged_from_code_and_pickled_versions_still_load(champion, c
     want = champion_model.predict(req)
     got = mlflow.pyfunc.load_model(old.model_uri).predict(req)
     assert got["item_ids"].tolist() == want["item_ids"].tolist()
+
+
+def test_cdsr_serve_follows_the_alias_under_load(champion, store, catalogue, tmp_path):
+    """`cdsr serve --model models:/cdsr-t@champion` while requests keep coming: the alias moves to
+    another version, the server switches to it without a restart, no request fails, and each
+    response names the version that answered (in order: the old one, then the new one)."""
+    import threading
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    v1 = client.get_model_version_by_alias(MODEL, "champion")
+    v2 = mlflow.register_model(f"runs:/{v1.run_id}/model", MODEL).version
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDSR_SERVE_")}
+    env.update(MLFLOW_TRACKING_URI=store[0], CDSR_SERVE_POLL_SECONDS="1")
+    log = tmp_path / "serve.log"
+    proc = start([str(Path(sys.executable).parent / "cdsr"), "serve", "--model", f"models:/{MODEL}@champion",
+                  "--port", str(port)], env, log, cwd=tmp_path)
+    _, _, ids, doms, ts = _history(catalogue, user=7, n=6)
+    body = json.dumps({"dataframe_records": [{"item_ids": ids, "domains": doms, "timestamps": ts,
+                                              "target_domain": "Books", "k": 3}]}).encode()
+    answers, stop_flag = [], threading.Event()
+
+    def load():
+        while not stop_flag.is_set():
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    answers.append((r.status, r.headers.get("x-cdsr-model-version")))
+            except Exception as exc:  # noqa: BLE001 (any failure is a failed request)
+                answers.append((getattr(exc, "code", repr(exc)), None))
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=90, interval=0.25)
+        workers = [threading.Thread(target=load) for _ in range(2)]
+        for w in workers:
+            w.start()
+        time.sleep(2)
+        client.set_registered_model_alias(MODEL, "champion", v2)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(v == f"{MODEL}/{v2}" for _, v in answers[-5:]):
+            time.sleep(0.2)
+        time.sleep(1)
+        stop_flag.set()
+        for w in workers:
+            w.join(timeout=30)
+    finally:
+        stop_flag.set()
+        client.set_registered_model_alias(MODEL, "champion", v1.version)
+        stop(proc)
+    assert answers and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    versions = [v for _, v in answers]
+    first_new = versions.index(f"{MODEL}/{v2}")
+    assert set(versions[:first_new]) == {f"{MODEL}/{v1.version}"} and first_new > 0
+    assert f"version {v1.version} -> {v2}" in log.read_text()

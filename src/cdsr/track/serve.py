@@ -23,6 +23,11 @@ plain ``mlflow models serve`` get those too; their values are logged with the mo
 it is loaded. ``cdsr serve`` sets both from its own configuration, so the model and the
 middleware agree.
 
+A ``models:/<name>@<alias>`` URI is followed (:class:`AliasFollower`): the registry is asked every
+``poll_seconds`` which version the alias names, a new one is loaded beside the serving one and
+swapped in without a restart or a failed request, and every response says which version answered
+(header ``x-cdsr-model-version: <name>/<version>``).
+
 Configuration (:class:`ServeConfig`): the dataclass defaults, then the ``serve:`` section of
 params.yaml, then environment variables ``CDSR_SERVE_<KEY>`` (``CDSR_SERVE_MAX_RECORDS=5000``),
 then the command line (``--host``, ``--port``, ``--workers``). Errors keep MLflow's JSON shape:
@@ -62,8 +67,13 @@ class ServeConfig:
     max_records: int = 1000  # records (rows) per request; more: HTTP 413
     max_history: int = 10_000  # events in one record's history; more: HTTP 400
     max_json_depth: int = 64  # JSON nesting levels; deeper: HTTP 400
+    # seconds between registry lookups of a models:/<name>@<alias> URI (a new champion is loaded
+    # and switched to without a restart); 0: serve the version found at start
+    poll_seconds: int = 30
 
     def __post_init__(self) -> None:
+        if self.poll_seconds < 0:
+            raise ConfigError(f"serve.poll_seconds: must be >= 0, got {self.poll_seconds}")
         for name in ("workers", "max_body_bytes", "max_records", "max_history"):
             value = getattr(self, name)
             if value < 1:
@@ -300,13 +310,94 @@ def create_app(model, cfg: ServeConfig):
     return LimitsMiddleware(scoring_server.init(model), cfg)
 
 
+VERSION_HEADER = b"x-cdsr-model-version"
+
+
+def alias_of(model_uri: str) -> tuple[str, str] | None:
+    """``models:/<name>@<alias>`` -> (name, alias); any other URI -> None."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return None
+    name, alias = model_uri[len("models:/"):].rsplit("@", 1)
+    return name.strip("/"), alias
+
+
+class AliasFollower:
+    """The ASGI app of the version a registry alias names, switched when the alias moves.
+
+    A thread looks the alias up every ``poll_seconds``; a new version is loaded beside the one
+    serving and then swapped in by one reference assignment, so a request in flight finishes on
+    the version it started with and none fails (a version that fails to load is logged and the
+    old one keeps serving). Every HTTP response carries ``x-cdsr-model-version: <name>/<version>``."""
+
+    def __init__(self, name: str, alias: str, cfg: ServeConfig, log=print) -> None:
+        from mlflow import MlflowClient
+
+        self.name, self.alias, self.cfg, self.log = name, alias, cfg, log
+        self.client = MlflowClient()
+        version = self.client.get_model_version_by_alias(name, alias)
+        self.current = (str(version.version), self._app(str(version.version)))
+        if cfg.poll_seconds > 0:
+            import threading
+
+            self._stop = threading.Event()
+            threading.Thread(target=self._follow, name="cdsr-alias-follower", daemon=True).start()
+
+    def _app(self, version: str):
+        import mlflow
+        from mlflow.pyfunc import scoring_server
+
+        return scoring_server.init(mlflow.pyfunc.load_model(f"models:/{self.name}/{version}"))
+
+    def check(self) -> str:
+        """Look the alias up once; load and switch to a new version. -> the version serving."""
+        version = str(self.client.get_model_version_by_alias(self.name, self.alias).version)
+        if version != self.current[0]:
+            app = self._app(version)
+            before, self.current = self.current[0], (version, app)
+            self.log(f"{self.name}@{self.alias}: version {before} -> {version}")
+        return self.current[0]
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.cfg.poll_seconds):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 (a registry or load failure keeps the old version serving)
+                self.log(f"{self.name}@{self.alias}: still serving version {self.current[0]} ({type(exc).__name__}: {exc})")
+
+    async def __call__(self, scope, receive, send) -> None:
+        version, app = self.current  # one read: this request is answered by this version
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        tag = f"{self.name}/{version}".encode()
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (VERSION_HEADER, tag)]}
+            await send(message)
+
+        await app(scope, receive, tagged)
+
+
+def serving_app(model_uri: str, cfg: ServeConfig, log=print):
+    """The app for ``model_uri``: an alias URI is followed (:class:`AliasFollower`), anything else
+    is loaded once."""
+    import mlflow
+
+    alias = alias_of(model_uri)
+    if alias is None:
+        return create_app(mlflow.pyfunc.load_model(model_uri), cfg)
+    return LimitsMiddleware(AliasFollower(*alias, cfg, log), cfg)
+
+
 def app_factory():
     """uvicorn factory of each worker process (``workers`` > 1): the model at ``$CDSR_SERVE_MODEL_PATH``
     with the configuration in ``CDSR_SERVE_*`` (both set by :func:`run`)."""
     import mlflow
 
     cfg = serve_config({})
-    return create_app(mlflow.pyfunc.load_model(os.environ[MODEL_ENV]), cfg)
+    uri = os.environ[MODEL_ENV]
+    return serving_app(uri, cfg) if alias_of(uri) else create_app(mlflow.pyfunc.load_model(uri), cfg)
 
 
 def run(model_uri: str, cfg: ServeConfig, params: Mapping[str, Any] | None = None, log=print) -> None:
@@ -317,22 +408,28 @@ def run(model_uri: str, cfg: ServeConfig, params: Mapping[str, Any] | None = Non
 
     from cdsr.track import tracking
 
-    tracking.setup(tracking.tracking_config(params))
+    store = tracking.setup(tracking.tracking_config(params))
     os.environ.update(model_limits_env(cfg))  # the model reads them when it is loaded
     limits = (f"max_body_bytes={cfg.max_body_bytes} max_records={cfg.max_records} "
               f"max_history={cfg.max_history} max_json_depth={cfg.max_json_depth}")
+    following = alias_of(model_uri) is not None and cfg.poll_seconds > 0
+    if following:
+        limits += f"; following the alias every {cfg.poll_seconds} s"
     if cfg.workers == 1:
-        app = create_app(mlflow.pyfunc.load_model(model_uri), cfg)
+        app = serving_app(model_uri, cfg, log)
         log(f"serving {model_uri} on http://{cfg.host}:{cfg.port} ({limits})")
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
         return
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     with tempfile.TemporaryDirectory(prefix="cdsr-serve-") as tmp:
-        # one download (and one registry lookup: every worker serves the same version)
-        local = _download_artifact_from_uri(model_uri, output_path=tmp)
+        # a followed alias: each worker follows it; else one download (and one registry lookup:
+        # every worker serves the same version)
+        local = model_uri if following else _download_artifact_from_uri(model_uri, output_path=tmp)
         os.environ.update({env_name(f.name): str(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
         os.environ[MODEL_ENV] = local
+        if following:
+            os.environ["MLFLOW_TRACKING_URI"] = store  # the workers look the alias up there
         log(f"serving {model_uri} on http://{cfg.host}:{cfg.port} with {cfg.workers} workers ({limits})")
         uvicorn.run("cdsr.track.serve:app_factory", factory=True, host=cfg.host, port=cfg.port,
                     workers=cfg.workers, log_level="info")
