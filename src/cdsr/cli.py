@@ -482,6 +482,31 @@ def promote(
                    f"({d['candidate_method']}): {d['reason']}")
 
 
+@app.command("recommend")
+def recommend(
+    dataset: str = DATASET,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model URI (default models:/cdsr-<dataset>@champion, pinned to its version)."),
+    k: int = typer.Option(10, "--k", help="Items per user and domain (1..1000)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parquet file (default recommendations/<dataset>.parquet)."),
+    params: Optional[Path] = PARAMS,
+    root: Path = ROOT,
+) -> None:
+    """Prefect recommend flow: the model's top-k of every domain for every user of the dataset's
+    current build, to Parquet (model and data versions in the file's metadata)."""
+    from mlflow.exceptions import MlflowException
+
+    _declared(dataset, params)
+    _flows()
+    from flows.recommend import recommend_flow
+
+    try:
+        meta = recommend_flow(dataset, model, k, str(out) if out else None, str(params) if params else None, str(root))
+    except (ConfigError, FileNotFoundError, MlflowException, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{meta['rows']} rows ({meta['users']} users) from {meta['model_uri']} on data "
+               f"{meta['data_version'][:8]}: {meta['users_per_second']} users/s -> {out or f'recommendations/{dataset}.parquet'}")
+
+
 @app.command("report")
 def report(
     dataset: str = DATASET,

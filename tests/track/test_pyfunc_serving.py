@@ -520,3 +520,37 @@ def test_cdsr_serve_follows_the_alias_under_load(champion, store, catalogue, tmp
     first_new = versions.index(f"{MODEL}/{v2}")
     assert set(versions[:first_new]) == {f"{MODEL}/{v1.version}"} and first_new > 0
     assert f"version {v1.version} -> {v2}" in log.read_text()
+
+
+def test_batch_recommendations_match_the_served_model(champion, champion_model, store, tiny_root, catalogue, tmp_path):
+    """The recommend flow writes every user's top-k of every domain with the model and data
+    versions in the file; a user's row is what the served model answers for their history."""
+    from mlflow import MlflowClient
+
+    from cdsr.track.batch import read_metadata, recommend_all
+    from cdsr.track.tracking import TrackingConfig, data_version
+
+    out = tmp_path / "recs.parquet"
+    meta = recommend_all(f"models:/{MODEL}@champion", "t", tiny_root, 4, out, TrackingConfig(tracking_uri=store[0]))
+    version = MlflowClient().get_model_version_by_alias(MODEL, "champion").version
+    assert read_metadata(out) == meta and meta["model_version"] == str(version)
+    assert meta["model_uri"] == f"models:/{MODEL}/{version}"
+    assert meta["data_version"] == data_version("t", tiny_root)["split.parquet"]
+    df = pd.read_parquet(out)
+    items, seqs = catalogue
+    users = pd.read_parquet(tiny_root / "t" / "processed" / "users.parquet")
+    assert len(df) == meta["rows"] == len(users) * 3 and meta["users"] == len(users)
+    assert set(df["target_domain"]) == {"Books", "Movies_and_TV", "CDs_and_Vinyl"}
+    dom_of = dict(zip(items["item_id"].astype(str), items["domain"].astype(str)))
+    assert all(len(r) == 4 and {dom_of[i] for i in r} == {d} for r, d in zip(df["item_ids"], df["target_domain"]))
+    # user 3's row against the served model given their whole history
+    u = users.sort_values("user_idx").iloc[3]
+    seq = seqs.filter(pl.col("user_idx") == int(u["user_idx"])).row(0, named=True)
+    ids = items.set_index("item_idx").loc[list(seq["items"]), "item_id"].astype(str).tolist()
+    doms = [dom_of[i] for i in ids]
+    ts = [int(t) for t in seq["timestamps"]]
+    want = champion_model.predict(pd.DataFrame([{"item_ids": ids, "domains": doms, "timestamps": ts,
+                                                 "target_domain": "Movies_and_TV", "k": 4}]))
+    row = df[(df["user_id"] == u["user_id"]) & (df["target_domain"] == "Movies_and_TV")].iloc[0]
+    assert list(row["item_ids"]) == want["item_ids"][0]
+    np.testing.assert_allclose(row["scores"], want["scores"][0], rtol=1e-5)
