@@ -129,3 +129,44 @@ def test_parquet_input_and_byte_order_of_ids(tmp_path):
         ids = a.items.filter(pl.col("domain") == d)["item_id"].to_list()
         assert ids == sorted(ids, key=lambda s: s.encode()) and ids == pl.Series(ids).sort().to_list()
     assert not list(tmp_path.glob("cdsr-sequences-*"))  # the spill directory is removed
+
+
+def test_a_build_as_of_a_time_then_a_refresh(tiny_root, tmp_path):
+    """``sequences.as_of`` keeps the events up to a time; moving it forward is a refresh: new users,
+    new items and new events of known users arrive, and the data version changes."""
+    import json
+
+    import polars as pl
+    from helpers import TINY, make_cfg
+
+    from cdsr.data.build import build
+    from cdsr.track.tracking import data_version
+
+    lo, hi = json.loads((tiny_root / "t" / "processed" / "stats.json").read_text())["timestamp_range"]
+    builds = {}
+    for name, frac in (("early", 0.6), ("later", 0.8)):
+        seqs = {**TINY["sequences"], "as_of": int(lo + frac * (hi - lo))}
+        root = tmp_path / name
+        build(make_cfg(**{**TINY, "sequences": seqs}), root, log=lambda s: None)
+        stats = json.loads((root / "t" / "processed" / "stats.json").read_text())
+        assert stats["timestamp_range"][1] <= seqs["as_of"]
+        assert any(r["step"] == f"as_of: {seqs['as_of']}" for r in stats["filter_log"])
+        builds[name] = (root, pl.read_parquet(root / "t" / "processed" / "sequences.parquet"))
+    (r1, early), (r2, later) = builds["early"], builds["later"]
+    e_users, l_users = set(early["user_id"]), set(later["user_id"])
+    assert l_users - e_users, "new users arrive"
+    lens = dict(zip(later["user_id"], later["items"].list.len()))
+    assert any(lens[u] > n for u, n in zip(early["user_id"], early["items"].list.len()) if u in lens), \
+        "known users get new events"
+    items = lambda r: set(pl.read_parquet(r / "t" / "processed" / "items.parquet")["item_id"])  # noqa: E731
+    assert items(r2) - items(r1), "new items arrive"
+    assert data_version("t", r1)["split.parquet"] != data_version("t", r2)["split.parquet"]
+
+
+def test_a_bad_as_of_is_a_config_error():
+    from helpers import TINY, make_cfg
+
+    from cdsr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not an ISO date"):
+        make_cfg(**{**TINY, "sequences": {**TINY["sequences"], "as_of": "next tuesday"}})

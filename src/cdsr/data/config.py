@@ -123,6 +123,17 @@ class SequencesConfig:
     # order of events with equal timestamps: raw order (declared file order, then line, then
     # position in the line), or item id
     tie_break: Literal["source_order", "item_id"] = "source_order"
+    # the build as of this time (ISO date, its end of day, or unix seconds): events after it are
+    # left out before the filters, so moving it forward is a data refresh (new users, items and
+    # events of known users arrive; a new data version). None: every event
+    as_of: str | int | None = None
+
+    def __post_init__(self) -> None:
+        self.cutoff()  # a bad value fails when the configuration is read
+
+    def cutoff(self) -> int | None:
+        """``as_of`` in unix seconds (None: no cut-off)."""
+        return _to_unix(self.as_of, end_of_day=True)
 
 
 @dataclass(frozen=True)

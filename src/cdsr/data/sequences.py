@@ -95,6 +95,9 @@ def build_sequences(interactions: pl.DataFrame | str | Path, cfg: DatasetConfig,
         df, user_ids, item_ids, seen_domains = _encode_events(interactions, cfg, Path(tmp))
     domains = list(cfg.domains) or seen_domains
     log_rows = [{"step": "input", "users": df["user_id"].n_unique(), "events": df.height}]
+    if (cutoff := cfg.sequences.cutoff()) is not None:  # a build as of a time: later events wait
+        df = df.filter(pl.col("timestamp") <= cutoff)
+        log_rows.append({"step": f"as_of: {cfg.sequences.as_of}", "users": df["user_id"].n_unique(), "events": df.height})
     for step in cfg.sequences.filters:
         df = apply_filter(df, step, domains, cfg.sequences.domains_required)
         log_rows.append({"step": f"{step.op}: {step.value}", "users": df["user_id"].n_unique(), "events": df.height})
