@@ -44,7 +44,7 @@ def write_decision(decision: dict, out: Path) -> None:
     """``out``: the decision without MLflow run ids (random per tracking store), so the register
     stage's DVC metrics repeat from a clean clone; ``<out>.runs.json`` (no DVC output): all of it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stable = {k: v for k, v in decision.items() if k != "candidate_run_id"}
+    stable = {k: v for k, v in decision.items() if k not in ("candidate_run_id", "champion_rescore_run_id")}
     if "candidates" in stable:
         stable["candidates"] = [{k: v for k, v in c.items() if k != "run_id"} for c in stable["candidates"]]
     out.write_text(json.dumps(stable, indent=2) + "\n")
