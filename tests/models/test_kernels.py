@@ -201,7 +201,8 @@ def test_last_query_attention_equals_the_general_path(causal, with_sink):
         probs = mha(x, mask, need_probs=True, last_only=True, sink=sink)[1]  # the general path
     assert fast.shape == (4, 1, 12) and probs is not None
     assert torch.allclose(fast[:, 0], full[:, -1], atol=1e-5)
-    mha.train()  # dropout on: the general path, not the folded one
+    mha.train()  # dropout on: the general path, never the folded one
+    mha._last_query = lambda *a: pytest.fail("the folded path ran with dropout on")
     assert mha(x, mask, last_only=True, sink=sink)[0].shape == (4, 1, 12)
 
 

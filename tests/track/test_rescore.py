@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cdsr.track.pyfunc import CDSRRecommender
 from cdsr.track.rescore import _InNewIds
 
 
@@ -15,6 +16,7 @@ class FakeServed:
     idx_of_id = {"a": 1, "b": 2, "c": 3}
     dom_of_name = {"X": 0}
     max_len = 5
+    own_ids = CDSRRecommender.own_ids  # the served model's own mapping
 
     def __init__(self):
         self.seen = []

@@ -81,11 +81,13 @@ from cdsr.models.layers import (
     dot_scores,
     last_stream_states,
     loss_weights,
+    pack_rows,
     sample_domain_negatives,
     sampled_softmax_loss,
     shared_negatives_softmax_loss,
     stream_states,
     subsequence_positions,
+    unpack_rows,
 )
 
 
@@ -257,14 +259,11 @@ class ABXI(SeqRecModel):
             sink = (at + 1 - valid.long().cumsum(1)).clamp_min(0)
         if not last_only and self.cfg.packed:
             return self._packed_block(x, valid, k, sink)
-        rows = None
         # in training, keys and values of the valid positions only; in evaluation the attention
         # projects no key or value (MultiHeadAttention._last_query) and takes x as it is
         if last_only and self.cfg.packed and self.training:
-            B, L, d = x.shape
-            rows = valid.reshape(-1).nonzero().squeeze(1)
-            a, _ = self.attn(x.reshape(B * L, d).index_select(0, rows), attention_mask(valid, causal=True),
-                             last_only=True, sink=sink, rows=rows)
+            xv, rows = pack_rows(x, valid)
+            a, _ = self.attn(xv, attention_mask(valid, causal=True), last_only=True, sink=sink, rows=rows)
         else:
             a, _ = self.attn(x, attention_mask(valid, causal=True), last_only=last_only, sink=sink)
         if last_only:
@@ -278,14 +277,13 @@ class ABXI(SeqRecModel):
         window and a quarter of a domain stream's are padding. The same numbers, dropout masks
         included (:func:`dropout_rows`)."""
         B, L, d = x.shape
-        rows = valid.reshape(-1).nonzero().squeeze(1)
-        xv = x.reshape(B * L, d).index_select(0, rows)
+        xv, rows = pack_rows(x, valid)
         a, _ = self.attn(xv, attention_mask(valid, causal=True), sink=sink, rows=rows)
         p, train, shape = self.cfg.dropout, self.training, (B * L, d)
         h = self.ln_attn(xv + dropout_rows(a, p, train, rows, shape))
         out = self.ln_ffn[k](h + dropout_rows(self.ffn(h), p, train, rows, shape)
                              + dropout_rows(self.dlora[k](h), p, train, rows, shape))
-        return out.new_zeros(B * L, d).index_copy(0, rows, out).view(B, L, d)
+        return unpack_rows(out, rows, B, L)
 
     def _domain_streams(self, items, doms, mask, layout, stats=None, last_only=False) -> list[torch.Tensor]:
         """Per domain a: its encoded stream [B, L_a, d] (``last_only``: [B, 1, d]), with GCA."""

@@ -62,6 +62,18 @@ def dropout_rows(x: torch.Tensor, p: float, training: bool, rows: torch.Tensor, 
     return x * mask
 
 
+def pack_rows(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, d], valid [B, L] -> (its valid rows [n, d], their flat indices ``rows`` [n] in
+    the [B * L, d] layout): what a row-wise layer computes on instead of the padding."""
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows), rows
+
+
+def unpack_rows(xv: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """:func:`pack_rows` undone: [n, d] -> [B, L, d], zero at the rows not packed."""
+    return xv.new_zeros(B * L, xv.shape[-1]).index_copy(0, rows, xv).view(B, L, -1)
+
+
 class Dropout(nn.Module):
     """``nn.Dropout`` with the faster mask of :func:`dropout`."""
 
@@ -187,8 +199,7 @@ class Block(nn.Module):
         dropout masks included (:func:`dropout_rows` draws them for the padded shape)."""
         if valid is not None and not last_only:
             B, L, d = x.shape
-            rows = valid.reshape(-1).nonzero().squeeze(1)
-            xv = x.reshape(B * L, d).index_select(0, rows)
+            xv, rows = pack_rows(x, valid)
             a, probs = self.attn(self.ln1(xv), mask, need_probs, rows=rows)
             p, train = self.drop.p, self.training
             xv = xv + dropout_rows(a, p, train, rows, (B * L, d))
@@ -196,7 +207,7 @@ class Block(nn.Module):
             hid = act(lin1(self.ln2(xv)))
             hid = dropout_rows(hid, ffn_drop.p, train, rows, (B * L, hid.shape[-1]))
             xv = xv + dropout_rows(lin2(hid), p, train, rows, (B * L, d))
-            return xv.new_zeros(B * L, d).index_copy(0, rows, xv).view(B, L, d), probs
+            return unpack_rows(xv, rows, B, L), probs
         a, probs = self.attn(self.ln1(x), mask, need_probs, last_only)
         x = (x[:, -1:] if last_only else x) + self.drop(a)
         return x + self.drop(self.ffn(self.ln2(x))), probs
@@ -214,8 +225,8 @@ class Encoder(nn.Module):
                 valid: torch.Tensor | None = None):
         """``last_only`` (scoring the next item): h [B, 1, d] of the last position, which the
         last block computes alone (its other outputs feed nothing): about half the work of a
-        2-block encoder. ``valid`` [B, L]: in evaluation the other blocks compute the valid
-        rows only (:class:`Block`)."""
+        2-block encoder. ``valid`` [B, L]: the other blocks compute the valid rows only
+        (:class:`Block`)."""
         probs = []
         for k, blk in enumerate(self.blocks):
             x, p = blk(x, mask, need_probs, last_only and k == len(self.blocks) - 1, valid)

@@ -50,11 +50,8 @@ def _scores(rec, ids, doms, ts, valid, d: int) -> torch.Tensor:
     merged model takes them as one batch; the single variant goes through the pyfunc's own
     per-domain path."""
     target = np.full(len(ids), d, dtype=np.int64)
-    if rec.variant == "merged":
-        batch = {"items": torch.from_numpy(ids), "domains": torch.from_numpy(doms), "timestamps": torch.from_numpy(ts),
-                 "mask": torch.from_numpy(valid), "target_domain": torch.from_numpy(target),
-                 "user_idx": torch.zeros(len(ids), dtype=torch.long)}
-        return rec.nets[None].score(batch, None).float()
+    if rec.variant == "merged":  # ids are 0 exactly where a window has no event
+        return rec.nets[None].score(rec.window_batch(ids, doms, ts, target), None).float()
     return rec._scores([(i[v], dm[v], t[v]) for i, dm, t, v in zip(ids, doms, ts, valid)], target)
 
 
@@ -64,9 +61,7 @@ def recommend(rec, processed: Path, k: int) -> tuple[pd.DataFrame, dict[str, Any
     data = SplitData.load(processed)
     items = pd.read_parquet(processed / "items.parquet", columns=["item_idx", "item_id"])
     users = pd.read_parquet(processed / "users.parquet", columns=["user_idx", "user_id"]).sort_values("user_idx")
-    to_model = np.zeros(int(items["item_idx"].max()) + 1, dtype=np.int64)
-    to_model[items["item_idx"].to_numpy()] = [rec.idx_of_id.get(i, 0) for i in items["item_id"].astype(str)]
-    dom_to_model = np.array([rec.dom_of_name.get(n, -1) for n in data.domain_names], dtype=np.int64)
+    to_model, dom_to_model = rec.own_ids(items, data.domain_names)
     ids, ev, valid = windows(data, to_model, rec.max_len)
     doms = np.where(valid, dom_to_model[data.domains[ev]], 0)
     ts = np.where(valid, data.timestamps[ev], 0)

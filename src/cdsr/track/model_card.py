@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from cdsr.track.tracking import metric_key
+
 HEADLINE = ("HR@10", "NDCG@10", "MRR")
 _ROBUST = re.compile(r"^robust/(?P<scope>[^/]+)/(?P<kind>[^/]+)/p(?P<p>[^/]+)/rel_drop_(?P<metric>.+)$")
 
@@ -22,7 +24,7 @@ def _metric_rows(metrics: dict[str, float], split: str) -> list[str]:
     protos = sorted({k.split("/")[1] for k in metrics if k.startswith(f"{split}/") and "/overall/" in k})
     rows = []
     for proto in protos:
-        vals = [metrics.get(f"{split}/{proto}/overall/{m.replace('@', '_')}") for m in HEADLINE]
+        vals = [metrics.get(f"{split}/{proto}/overall/{metric_key(m)}") for m in HEADLINE]
         rows.append(f"| {split} | `{proto}` | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
     return rows
 

@@ -199,6 +199,14 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
         nets = RunDir(run).load_nets(spec, Vocab.from_ranges(self.ranges, self.names), self.names, torch.device("cpu"))
         self.nets = {None if name is None else self.dom_of_name[name]: net.eval() for name, net in nets.items()}
 
+    def own_ids(self, items: pd.DataFrame, domain_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Another build's ids in this model's: ``items`` (item_idx, item_id) -> [max item_idx + 1]
+        this model's item index of each (0: never seen), and ``domain_names`` -> this model's
+        domain index of each (-1: unknown). Raw ids are the link, as in a request."""
+        to_own = np.zeros(int(items["item_idx"].max()) + 1, dtype=np.int64)
+        to_own[items["item_idx"].to_numpy()] = [self.idx_of_id.get(i, 0) for i in items["item_id"].astype(str)]
+        return to_own, np.array([self.dom_of_name.get(n, -1) for n in domain_names], dtype=np.int64)
+
     # -- input --------------------------------------------------------------------------
     def _parse(self, df: pd.DataFrame):
         """-> per-row (item idx list, domain idx list, timestamps), target domains, ks, unknowns."""
@@ -256,9 +264,14 @@ class CDSRRecommender(mlflow.pyfunc.PythonModel):
             n = min(len(i), L)
             if n:
                 items[b, L - n:], doms[b, L - n:], ts[b, L - n:] = i[-n:], d[-n:], t[-n:]
+        return self.window_batch(items, doms, ts, targets)
+
+    @staticmethod
+    def window_batch(items: np.ndarray, doms: np.ndarray, ts: np.ndarray, targets: np.ndarray) -> dict[str, torch.Tensor]:
+        """Right-aligned [B, L] windows (item 0: padding) -> the model's batch."""
         return {"items": torch.from_numpy(items), "domains": torch.from_numpy(doms),
                 "timestamps": torch.from_numpy(ts), "mask": torch.from_numpy(items > 0),
-                "target_domain": torch.from_numpy(targets), "user_idx": torch.zeros(B, dtype=torch.long)}
+                "target_domain": torch.from_numpy(targets), "user_idx": torch.zeros(len(items), dtype=torch.long)}
 
     # -- scoring ------------------------------------------------------------------------
     def _scores(self, histories, targets: np.ndarray) -> torch.Tensor:

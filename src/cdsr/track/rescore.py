@@ -59,11 +59,7 @@ class _InNewIds(nn.Module):
     def __init__(self, rec, new_items: pd.DataFrame, new_domains: list[str]):
         super().__init__()
         self.rec = rec
-        n_new = int(new_items["item_idx"].max())
-        self.to_old = np.zeros(n_new + 1, dtype=np.int64)  # new item_idx -> the model's (0: unseen)
-        ids = new_items["item_id"].astype(str).to_numpy()
-        self.to_old[new_items["item_idx"].to_numpy()] = [rec.idx_of_id.get(i, 0) for i in ids]
-        self.dom_to_old = np.array([rec.dom_of_name.get(n, -1) for n in new_domains], dtype=np.int64)
+        self.to_old, self.dom_to_old = rec.own_ids(new_items, new_domains)  # 0 / -1: never seen
         self.dropped = 0
 
     def score(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor | None = None) -> torch.Tensor:

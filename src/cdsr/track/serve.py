@@ -336,10 +336,9 @@ class AliasFollower:
         self.client = MlflowClient()
         version = self.client.get_model_version_by_alias(name, alias)
         self.current = (str(version.version), self._app(str(version.version)))
-        if cfg.poll_seconds > 0:
+        if cfg.poll_seconds > 0:  # a daemon thread: it ends with the server process
             import threading
 
-            self._stop = threading.Event()
             threading.Thread(target=self._follow, name="cdsr-alias-follower", daemon=True).start()
 
     def _app(self, version: str):
@@ -358,7 +357,10 @@ class AliasFollower:
         return self.current[0]
 
     def _follow(self) -> None:
-        while not self._stop.wait(self.cfg.poll_seconds):
+        import time
+
+        while True:
+            time.sleep(self.cfg.poll_seconds)
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 (a registry or load failure keeps the old version serving)
